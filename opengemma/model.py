@@ -1,0 +1,341 @@
+"""The Gemma transformer: one implementation for Gemma 1, 2 and 3 text models.
+
+Report section "Model Architecture": a decoder-only transformer with multi-query (2B) or
+multi-head (7B) attention, RoPE in every layer, GeGLU feed-forward blocks with the tanh
+approximation of GELU, RMSNorm before each sub-layer, and input/output embeddings shared.
+Gemma 2 and 3 add, behind config flags: tanh soft-capping of attention and output logits,
+post-sub-layer ("sandwich") norms, RMSNorm on queries and keys, interleaved local
+(sliding-window) and global layers with their own RoPE bases, and linear RoPE scaling.
+
+The model is pure compute: ``forward(tokens, input_pos, cache) -> logits``. The KV cache is
+explicit, static and preallocated (see :class:`KVCache`); positions are given per row, so rows of
+one batch may sit at different positions (batched prompts of different lengths, continuous
+batching). A position of -1 marks padding: it is neither attended to nor written to the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with Gemma's ``(1 + w)`` scale; statistics and scale in fp32 as the reference does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Scale before casting back (not after): keeps bf16 outputs equal to the reference's.
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, T, S] from query positions [B, T] and key positions [B, S].
+
+    A key is visible when it exists (position >= 0), is not in the future and, for local layers,
+    lies fewer than ``window`` positions back (the query itself included, as the reference).
+    A finite minimum instead of -inf keeps fully masked padding rows free of NaN.
+    """
+    qp = q_pos[:, None, :, None]  # [B, 1, T, 1]
+    kp = k_pos[:, None, None, :]  # [B, 1, 1, S]
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok = ok & (qp - kp < window)
+    zero = torch.zeros((), dtype=dtype, device=q_pos.device)
+    return torch.where(ok, zero, torch.finfo(dtype).min)  # [B, 1, T, S]
+
+
+class KVCache:
+    """Static, preallocated key/value cache for one batch of sequences.
+
+    Global layers keep ``max_len`` slots (slot = position). Local layers keep only their window
+    as a ring buffer (slot = position % window). Each kind has one extra "trash" slot that padding
+    tokens (position -1) write into; its position stays -1 so it is never attended to. Slot
+    positions are tracked per row (``pos_global``, ``pos_local``), which is what makes masks exact
+    for ragged batches and for decoding past the window.
+    """
+
+    def __init__(self, config: GemmaConfig, batch_size: int, max_len: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        self.config = config
+        self.batch_size = batch_size
+        self.max_len = max_len
+        has_local = any(config.is_local(i) for i in range(config.n_layers))
+        self.ring = min(config.sliding_window, max_len) if has_local else 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for i in range(config.n_layers):
+            slots = (self.ring if config.is_local(i) else max_len) + 1
+            shape = (batch_size, config.n_kv_heads, slots, config.head_dim)
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.pos_global = torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)
+        self.pos_local = torch.full((batch_size, self.ring + 1), -1, dtype=torch.long, device=device)
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Forget the cached tokens of every row, or of the given rows only."""
+        if rows is None:
+            self.pos_global.fill_(-1)
+            self.pos_local.fill_(-1)
+        else:
+            self.pos_global[rows] = -1
+            self.pos_local[rows] = -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class _Step:
+    """What one forward pass does with the cache: slots to write and masks, shared by all layers."""
+
+    def __init__(self, cache: KVCache, input_pos: torch.Tensor, dtype: torch.dtype):
+        cfg = cache.config
+        self.cache = cache
+        valid = input_pos >= 0
+        self.q_pos = input_pos
+        # Global layers: write first, then attend over the whole (static) cache.
+        self.global_slots = torch.where(valid, input_pos, cache.max_len)  # [B, T]
+        cache.pos_global.scatter_(1, self.global_slots, input_pos)
+        cache.pos_global[:, -1] = -1
+        self.global_mask = attention_mask(input_pos, cache.pos_global, None, dtype)
+        if not cache.ring:
+            return
+        ring, window = cache.ring, cfg.sliding_window
+        # One new token per row: its ring slot holds position p - ring, which is already outside
+        # the window, so writing before attending is exact. Several new tokens (prefill) may
+        # overwrite keys that earlier queries of the chunk still need: attend over
+        # [ring; new keys] first, then keep only the last `ring` positions of each row.
+        self.local_concat = input_pos.shape[1] > 1
+        if self.local_concat:
+            k_pos = torch.cat([cache.pos_local, torch.where(valid, input_pos, -1)], dim=1)  # [B, R+1+T]
+            self.local_mask = attention_mask(input_pos, k_pos, window, dtype)
+            last = input_pos.max(dim=1, keepdim=True).values  # [B, 1]
+            keep = valid & (input_pos > last - ring)
+        else:
+            keep = valid
+        self.local_slots = torch.where(keep, input_pos % ring, ring)  # [B, T]
+        cache.pos_local.scatter_(1, self.local_slots, input_pos)
+        cache.pos_local[:, -1] = -1
+        if not self.local_concat:
+            self.local_mask = attention_mask(input_pos, cache.pos_local, window, dtype)
+
+    def update(self, layer: int, local: bool, k: torch.Tensor, v: torch.Tensor):
+        """Store this layer's new keys/values [B, KV, T, D]; return what to attend over and its mask."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        slots = self.local_slots if local else self.global_slots
+        idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, KV, T, D]
+        if local and self.local_concat:
+            keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            ck.scatter_(2, idx, k)
+            cv.scatter_(2, idx, v)
+            return keys, values, self.local_mask
+        ck.scatter_(2, idx, k)
+        cv.scatter_(2, idx, v)
+        return ck, cv, (self.local_mask if local else self.global_mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, local: bool):
+        super().__init__()
+        self.config = config
+        self.local = local
+        d, h, kv, hd = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+
+    def forward(self, x, cos, sin, mask, step: _Step | None, layer: int):
+        cfg = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if step is not None:
+            k, v, mask = step.update(layer, self.local, k, v)  # [B, KV, S, D]
+        if cfg.attn_softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=cfg.n_kv_heads != cfg.n_heads)  # [B, H, T, D]
+        else:
+            out = self._eager(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+    def _eager(self, q, k, v, mask):
+        """Attention with tanh soft-capping of the logits (Gemma 2), which fused kernels lack."""
+        cap = self.config.attn_softcap
+        groups = self.config.n_heads // self.config.n_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # [B, H, S, D]
+            v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale  # [B, H, T, S]
+        scores = torch.tanh(scores / cap) * cap
+        # Softmax in at least fp32; add the mask in that precision too, so that its finite minimum
+        # (which keeps fully masked padding rows free of NaN) never rounds to -inf.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        probs = torch.softmax(scores.to(acc) + mask.to(acc), dim=-1).to(q.dtype)
+        return probs @ v  # [B, H, T, D]
+
+
+class MLP(nn.Module):
+    """GeGLU with the tanh approximation of GELU (report: "approximated version of GeGLU")."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.local = config.is_local(layer)
+        self.sandwich = config.sandwich_norms
+        self.pre_attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, self.local)
+        if config.sandwich_norms:
+            self.post_attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.pre_mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        if config.sandwich_norms:
+            self.post_mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(self, h, rope, masks, step):
+        cos, sin = rope[self.local]
+        r = self.attn(self.pre_attn_norm(h), cos, sin, masks[self.local], step, self.layer)
+        if self.sandwich:
+            r = self.post_attn_norm(r)
+        h = h + r
+        r = self.mlp(self.pre_mlp_norm(h))
+        if self.sandwich:
+            r = self.post_mlp_norm(r)
+        return h + r
+
+
+@functools.lru_cache(maxsize=None)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return torch.tensor(value, dtype=dtype).item()
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self._inv_freq: dict = {}
+
+    def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> KVCache:
+        w = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype, device=device or w.device)
+
+    def inv_freq(self, local: bool, device: torch.device) -> torch.Tensor:
+        """RoPE inverse frequencies [D/2] in fp32; linear scaling applies to global layers only."""
+        key = (local, str(device))
+        if key not in self._inv_freq:
+            cfg = self.config
+            base = cfg.local_rope_base if local else cfg.rope_base
+            exps = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+            inv = 1.0 / (base ** exps)
+            if not local:
+                inv = inv / cfg.rope_scale
+            self._inv_freq[key] = inv
+        return self._inv_freq[key]
+
+    def _rope(self, pos: torch.Tensor, local: bool, dtype: torch.dtype):
+        freqs = pos[..., None].float() * self.inv_freq(local, pos.device)  # [B, T, D/2], fp32 angles
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] (fp32) for ``tokens`` [B, T] at positions ``input_pos`` ([B, T] or [T]).
+
+        Without a cache, positions default to 0..T-1 and attention is causal within ``tokens``.
+        With a cache, the new keys/values are written at ``input_pos`` and attention also covers
+        what the cache holds. ``logits_at`` ([B] indices into T) computes logits for one position
+        per row only ([B, 1, vocab]), which is all prefill needs.
+        """
+        cfg = self.config
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if input_pos.dim() == 1:
+            input_pos = input_pos[None].expand(B, T)
+        h = self.embed(tokens)  # [B, T, d_model]
+        # The reference multiplies by sqrt(d_model) rounded to the activation dtype (25.25, not
+        # 25.298, in bf16 for d_model=640): a Python float holding that rounded value does the same.
+        h = h * _rounded(math.sqrt(cfg.d_model), h.dtype)
+        rope = {False: self._rope(input_pos, False, h.dtype)}
+        has_local = bool(cfg.layer_types) and any(cfg.is_local(i) for i in range(cfg.n_layers))
+        if has_local:
+            rope[True] = self._rope(input_pos, True, h.dtype)
+        if cache is None:
+            step = None
+            masks = {False: attention_mask(input_pos, input_pos, None, h.dtype)}
+            if has_local:
+                masks[True] = attention_mask(input_pos, input_pos, cfg.sliding_window, h.dtype)
+        else:
+            step = _Step(cache, input_pos, h.dtype)
+            masks = {False: None, True: None}  # the step supplies each layer's mask
+        for block in self.layers:
+            h = block(h, rope, masks, step)
+        if logits_at is not None:
+            h = h[torch.arange(B, device=h.device), logits_at][:, None]  # [B, 1, d_model]
+        h = self.final_norm(h)
+        logits = F.linear(h, self.embed.weight).float()  # tied output projection, [B, T, vocab]
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
+
+
+def build_model(config: GemmaConfig, *, device: torch.device | str | None = "meta",
+                dtype: torch.dtype | None = None) -> GemmaModel:
+    """Construct the model; on the ``meta`` device by default (no memory) for counting or loading."""
+    with torch.device(device):
+        model = GemmaModel(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def load_weights(config: GemmaConfig, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> GemmaModel:
+    """Build on ``meta`` and adopt the checkpoint's tensors: strict, no random init, no copies."""
+    model = build_model(config, device="meta")
+    from .checkpoints import check_state_dict
+
+    check_state_dict(config, state_dict, "checkpoint")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
