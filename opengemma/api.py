@@ -145,11 +145,11 @@ class Gemma:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        return self.model.final_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed.weight.dtype
+        return self.model.final_norm.weight.dtype
 
     def __repr__(self) -> str:
         return f"Gemma({self.name!r}, {self.config.name}, dtype={self.dtype}, device={self.device})"

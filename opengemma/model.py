@@ -245,18 +245,27 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=dtype).item()
 
 
+class TiedEmbedding(nn.Embedding):
+    """Input embedding that is also the output projection (report: embeddings shared across
+    inputs and outputs). Quantized replacements provide the same two methods."""
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)  # [..., d_model] -> [..., vocab]
+
+
 class GemmaModel(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = TiedEmbedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self._inv_freq: dict = {}
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:
-        w = self.embed.weight
+        # The norms stay in the activation dtype even when linear weights are quantized.
+        w = self.final_norm.weight
         return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype, device=device or w.device)
 
     def inv_freq(self, local: bool, device: torch.device) -> torch.Tensor:
@@ -292,7 +301,7 @@ class GemmaModel(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(B, T)
-        h = self.embed(tokens)  # [B, T, d_model]
+        h = self.embed(tokens).to(self.final_norm.weight.dtype)  # [B, T, d_model]
         # The reference multiplies by sqrt(d_model) rounded to the activation dtype (25.25, not
         # 25.298, in bf16 for d_model=640): a Python float holding that rounded value does the same.
         h = h * _rounded(math.sqrt(cfg.d_model), h.dtype)
@@ -313,7 +322,7 @@ class GemmaModel(nn.Module):
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # [B, 1, d_model]
         h = self.final_norm(h)
-        logits = F.linear(h, self.embed.weight).float()  # tied output projection, [B, T, vocab]
+        logits = self.embed.attend(h).float()  # tied output projection, [B, T, vocab]
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits
