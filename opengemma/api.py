@@ -27,6 +27,7 @@ from .embedded import embedded_path
 from .errors import OpenGemmaError
 from .model import GemmaModel, build_model, load_weights
 from .tokenizer import Tokenizer
+from . import weight_cache
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -220,9 +221,26 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
                 else:
                     p.normal_(0.0, 0.02, generator=g)
         net.eval()
+        tokenizer = load_tokenizer(src, net.config)
+    elif src.kind == "gguf" and weight_cache.enabled():
+        net, tokenizer = _load_gguf_cached(src, dt, dev)
     else:
         module = {"gguf": gguf_ckpt, "hf": hf_ckpt, "native": native_ckpt}[src.kind]
         config, state_dict = module.load(src.path, dtype=dt)
         net = load_weights(config, state_dict, dtype=dt, device=dev)
-    tokenizer = load_tokenizer(src, net.config)
+        tokenizer = load_tokenizer(src, net.config)
     return Gemma(net, tokenizer, src.name)
+
+
+def _load_gguf_cached(src: Source, dtype: torch.dtype, device: torch.device) -> tuple[GemmaModel, Tokenizer]:
+    """GGUF through the converted-weight cache: convert once, then memory-map the result."""
+    entry = weight_cache.entry_dir(src.path, dtype=str(dtype))
+    hit = weight_cache.read(entry)
+    if hit is not None and hit[2] is not None:
+        config, state_dict, tok_bytes, _ = hit
+        tok_file = entry / "tokenizer.model"
+        return load_weights(config, state_dict, dtype=dtype, device=device), Tokenizer.from_file(tok_file)
+    config, state_dict = gguf_ckpt.load(src.path, dtype=dtype)
+    tokenizer = Tokenizer.from_gguf(src.path)
+    weight_cache.write(entry, config, state_dict, tokenizer.model_bytes())
+    return load_weights(config, state_dict, dtype=dtype, device=device), tokenizer

@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--presets", action="store_true", help="list the built-in presets")
+    p.add_argument("--kv-memory", action="store_true",
+                   help="also show the KV-cache memory for --context tokens (sliding-window layers keep only "
+                        "their window)")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="context length for --kv-memory (default: the model's full context)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences for --kv-memory (default 1)")
+    p.add_argument("--dtype", default="bfloat16", help="cache dtype for --kv-memory (default bfloat16)")
 
     p = sub.add_parser("convert", help="convert a checkpoint", epilog=EPILOG,
                        description="Convert SRC (GGUF file, HF or opengemma directory, preset) into DST, a new "
@@ -174,6 +181,15 @@ def cmd_info(args) -> int:
             "config": cfg.to_dict(), "embedding_params": cfg.embedding_params,
             "non_embedding_params": cfg.non_embedding_params,
             "total_params": cfg.embedding_params + cfg.non_embedding_params}
+    if args.kv_memory:
+        import torch
+
+        from .api import parse_dtype
+        from .model import KVCache
+
+        context = min(args.context or cfg.context_length, cfg.context_length)
+        info["kv_memory"] = KVCache.planned_bytes(cfg, context, args.batch_size,
+                                                  parse_dtype(args.dtype, torch.device("cpu")))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -186,6 +202,13 @@ def cmd_info(args) -> int:
     print(f"  {'embedding_params':22s} {info['embedding_params']:,}")
     print(f"  {'non_embedding_params':22s} {info['non_embedding_params']:,}")
     print(f"  {'total_params':22s} {info['total_params']:,}")
+    if "kv_memory" in info:
+        kv = info["kv_memory"]
+        mib = 2 ** 20
+        print(f"kv cache for {kv['context']:,} tokens x {kv['batch_size']} ({kv['dtype']}): "
+              f"{kv['total_bytes'] / mib:,.1f} MiB (global layers {kv['global_layers_bytes'] / mib:,.1f} MiB, "
+              f"local layers {kv['local_layers_bytes'] / mib:,.1f} MiB; "
+              f"{kv['without_windows_bytes'] / mib:,.1f} MiB if every layer kept the whole context)")
     return 0
 
 

@@ -76,17 +76,36 @@ class KVCache:
         self.config = config
         self.batch_size = batch_size
         self.max_len = max_len
-        has_local = any(config.is_local(i) for i in range(config.n_layers))
-        self.ring = min(config.sliding_window, max_len) if has_local else 0
+        self.ring = self.ring_size(config, max_len)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for i in range(config.n_layers):
-            slots = (self.ring if config.is_local(i) else max_len) + 1
-            shape = (batch_size, config.n_kv_heads, slots, config.head_dim)
+            shape = (batch_size, config.n_kv_heads, self.slots(config, i, max_len), config.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
         self.pos_global = torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)
         self.pos_local = torch.full((batch_size, self.ring + 1), -1, dtype=torch.long, device=device)
+
+    @staticmethod
+    def ring_size(config: GemmaConfig, max_len: int) -> int:
+        has_local = any(config.is_local(i) for i in range(config.n_layers))
+        return min(config.sliding_window, max_len) if has_local else 0
+
+    @classmethod
+    def slots(cls, config: GemmaConfig, layer: int, max_len: int) -> int:
+        """Cache slots of one layer: its window (local) or the whole length (global), plus trash."""
+        return (cls.ring_size(config, max_len) if config.is_local(layer) else max_len) + 1
+
+    @classmethod
+    def planned_bytes(cls, config: GemmaConfig, max_len: int, batch_size: int = 1, dtype=torch.float32) -> dict:
+        """Memory a cache would take, without allocating it (``opengemma info --kv-memory``)."""
+        per_slot = 2 * batch_size * config.n_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+        local = sum(cls.slots(config, i, max_len) for i in range(config.n_layers) if config.is_local(i))
+        full = sum(cls.slots(config, i, max_len) for i in range(config.n_layers) if not config.is_local(i))
+        return {"context": max_len, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+                "local_layers_bytes": local * per_slot, "global_layers_bytes": full * per_slot,
+                "total_bytes": (local + full) * per_slot,
+                "without_windows_bytes": config.n_layers * (max_len + 1) * per_slot}
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget the cached tokens of every row, or of the given rows only."""

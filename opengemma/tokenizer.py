@@ -264,16 +264,14 @@ class Tokenizer:
 
     def __init__(
         self, pieces: Sequence[str], scores: Sequence[float], types: Sequence[int], *, bos_id: int, eos_id: int,
-        unk_id: int, pad_id: int = -1, model_proto: bytes | None = None,
+        unk_id: int, pad_id: int = -1, model_proto: bytes | None = None, _processor=None,
     ) -> None:  # fmt: skip
         n = len(pieces)
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
             if not 0 <= value < n:
                 raise OpenGemmaError(f"tokenizer {name} {value} is outside the vocabulary of {n} pieces")
         self._pieces = list(pieces)
-        self._piece_ids: dict[str, int] = {}
-        for i, p in enumerate(self._pieces):
-            self._piece_ids.setdefault(p, i)
+        self._piece_ids_table: dict[str, int] | None = None  # built on first use (262k entries)
         self._types = np.asarray(types, dtype=np.int32).copy()
         self._bos, self._eos, self._unk = int(bos_id), int(eos_id), int(unk_id)
         self._pad = int(pad_id) if pad_id is not None and 0 <= pad_id < n else -1
@@ -284,9 +282,7 @@ class Tokenizer:
         # The specials and turn markers must be CONTROL: sentencepiece never matches those in text,
         # which is what keeps encode_plain() from forging them. A tokenizer.model that lists them
         # as user-defined gets them retyped; its other fields are kept as they are.
-        specials = [self._bos, self._eos, self._pad] + [
-            self._piece_ids.get(p, -1) for p in ("<start_of_turn>", "<end_of_turn>")
-        ]
+        specials = [self._bos, self._eos, self._pad] + [self._find(p) for p in ("<start_of_turn>", "<end_of_turn>")]
         retype = [i for i in specials if i >= 0 and i != self._unk and self._types[i] != CONTROL]
         self._types[retype] = CONTROL
         if model_proto is None:
@@ -296,11 +292,14 @@ class Tokenizer:
             rest = b"".join(_len_field(f, v) for f, v in _fields(model_proto) if f != 1)  # all messages
             model_proto = _encode_pieces(self._pieces, scores, self._types) + rest
         self._model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.LoadFromSerializedProto(model_proto)
-        except (RuntimeError, OSError) as e:
-            raise OpenGemmaError(f"sentencepiece rejected the tokenizer model: {e}") from None
+        if _processor is not None and not retype:
+            self._sp = _processor  # already loaded from this very proto
+        else:
+            self._sp = spm.SentencePieceProcessor()
+            try:
+                self._sp.LoadFromSerializedProto(model_proto)
+            except (RuntimeError, OSError) as e:
+                raise OpenGemmaError(f"sentencepiece rejected the tokenizer model: {e}") from None
 
         # Control pieces that raw encode() parses out of text. All CONTROL pieces, like HF and
         # llama.cpp's special tokens (<bos>, <eos>, <pad>, <unk>, <mask>, <unusedN>, turns).
@@ -312,20 +311,10 @@ class Tokenizer:
             alternatives = sorted(self._control_ids, key=len, reverse=True)
             self._control_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
-        # id -> bytes, for decode(). Byte pieces are raw bytes, "▁" is a space, bos/eos/pad vanish.
-        skip = {self._bos, self._eos, self._pad}
-        id_bytes = []
-        byte_ids: dict[int, int] = {}
-        types_list = self._types.tolist()
-        for i, (p, t) in enumerate(zip(self._pieces, types_list)):
-            if t == BYTE and (m := _BYTE_PIECE.fullmatch(p)):
-                id_bytes.append(bytes([int(m.group(1), 16)]))
-                byte_ids.setdefault(int(m.group(1), 16), i)
-            elif i in skip:
-                id_bytes.append(b"")
-            else:
-                id_bytes.append(p.replace(_SPACE, " ").encode("utf-8"))
-        self._id_bytes = id_bytes
+        # id -> bytes, for decode(), computed per id on first use (see _IdBytes).
+        self._id_bytes = _IdBytes(self._pieces, self._types, skip={self._bos, self._eos, self._pad})
+        byte_ids = {int(m.group(1), 16): int(i) for i in np.flatnonzero(self._types == BYTE)
+                    if (m := _BYTE_PIECE.fullmatch(self._pieces[i]))}
         # A literal U+2581 is encoded as its UTF-8 bytes (see module docstring); without byte
         # pieces we cannot do that and fall back to sentencepiece (it then decodes as a space).
         has_bytes = all(b in byte_ids for b in _SPACE_UTF8)
@@ -340,6 +329,11 @@ class Tokenizer:
                 proto = f.read()
         except OSError as e:
             raise OpenGemmaError(f"cannot read tokenizer model {os.fspath(path)!r}: {e.strerror}") from None
+        fast = _fast_vocab(proto)
+        if fast is not None:  # the common case (our own tokenizer.model files): no Python parse
+            sp, pieces, types = fast
+            ids = {"bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "unk_id": sp.unk_id(), "pad_id": sp.pad_id()}
+            return cls(pieces, np.zeros(len(pieces), np.float32), types, **ids, model_proto=proto, _processor=sp)
         try:
             pieces, scores, types = _parse_pieces(proto)
         except (ValueError, IndexError, TypeError, AttributeError, struct.error) as e:
@@ -352,7 +346,7 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:
             raise OpenGemmaError(f"{os.fspath(path)!r} is not a SentencePiece model: {e}") from None
         ids = {"bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "unk_id": sp.unk_id(), "pad_id": sp.pad_id()}
-        return cls(pieces, scores, types, **ids, model_proto=proto)
+        return cls(pieces, scores, types, **ids, model_proto=proto, _processor=sp)
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> Tokenizer:
@@ -436,17 +430,29 @@ class Tokenizer:
     @property
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end generation: eos, and <end_of_turn> when the vocabulary has it."""
-        eot = self._piece_ids.get("<end_of_turn>")
-        return (self._eos,) if eot is None else (self._eos, eot)
+        eot = self._find("<end_of_turn>")
+        return (self._eos,) if eot < 0 else (self._eos, eot)
 
     def id_to_piece(self, i: int) -> str:
         return self._pieces[self._check_id(i)]
 
     def piece_to_id(self, piece: str) -> int:
+        if self._piece_ids_table is None:
+            table: dict[str, int] = {}
+            for i, p in enumerate(self._pieces):
+                table.setdefault(p, i)
+            self._piece_ids_table = table
         try:
-            return self._piece_ids[piece]
+            return self._piece_ids_table[piece]
         except (KeyError, TypeError):
             raise OpenGemmaError(f"the vocabulary has no piece {piece!r}") from None
+
+    def _find(self, piece: str) -> int:
+        """Id of a special piece, or -1; a scan, since specials sit at the start of the vocabulary."""
+        try:
+            return self._pieces.index(piece)
+        except ValueError:
+            return -1
 
     def piece_type(self, i: int) -> int:
         """SentencePiece type of piece ``i`` (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)."""
@@ -528,6 +534,55 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self._bos}, eos_id={self._eos})"
+
+
+class _IdBytes:
+    """id -> the bytes it decodes to, computed lazily and remembered: byte pieces are raw bytes,
+    "▁" is a space, bos/eos/pad vanish. Building all 262k entries up front would cost a
+    noticeable part of a cold start for the few hundred ids a reply uses."""
+
+    def __init__(self, pieces: list[str], types: np.ndarray, skip: set[int]) -> None:
+        self._pieces, self._types, self._skip = pieces, types, skip
+        self._memo: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def __getitem__(self, i: int) -> bytes:
+        out = self._memo.get(i)
+        if out is None:
+            if not 0 <= i < len(self._pieces):
+                raise IndexError(i)
+            piece = self._pieces[i]
+            if self._types[i] == BYTE and (m := _BYTE_PIECE.fullmatch(piece)):
+                out = bytes([int(m.group(1), 16)])
+            elif i in self._skip:
+                out = b""
+            else:
+                out = piece.replace(_SPACE, " ").encode("utf-8")
+            self._memo[i] = out
+        return out
+
+
+def _fast_vocab(proto: bytes):
+    """(processor, pieces, types) from sentencepiece's own batched queries, or None when the
+    specials are not all CONTROL yet (then the proto must be parsed and rewritten in Python)."""
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(proto)
+    except (RuntimeError, OSError):
+        return None
+    n = sp.get_piece_size()
+    turns = [sp.piece_to_id(p) for p in ("<start_of_turn>", "<end_of_turn>")]
+    specials = [i for i in [sp.bos_id(), sp.eos_id(), sp.pad_id()] + turns if 0 <= i < n and i != sp.unk_id()]
+    if n == 0 or not all(sp.IsControl(i) for i in specials):
+        return None
+    everything = list(range(n))
+    types = np.full(n, NORMAL, dtype=np.int32)
+    for flag, kind in ((sp.IsControl, CONTROL), (sp.IsUnknown, UNKNOWN), (sp.IsUnused, UNUSED), (sp.IsByte, BYTE)):
+        types[np.asarray(flag(everything), dtype=bool)] = kind
+    # USER_DEFINED is not queryable; it is only needed to rebuild a proto, which this path never does.
+    return sp, sp.id_to_piece(everything), types
 
 
 def _valid_id(i, n: int) -> bool:

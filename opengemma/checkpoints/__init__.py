@@ -13,6 +13,7 @@ contents. Submodules are imported lazily, so importing this package is cheap.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -57,6 +58,7 @@ def as_dtype(dtype) -> torch.dtype:
     return value
 
 
+@functools.lru_cache(maxsize=16)
 def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
     """Every state-dict name of a model with this config, and its shape (from a meta-device model,
     so the model module stays the one place that defines the names)."""

@@ -1,0 +1,127 @@
+"""On-disk cache of converted weights, for a fast cold start (fast-inference issue, item 4).
+
+Converting a GGUF (dequantizing, undoing llama.cpp's conventions, optionally re-quantizing for
+the packed int8/int4 kernels) costs seconds; reading the result back costs milliseconds. The
+cache keeps the model's final state dict as safetensors plus its config and tokenizer, keyed by
+the SHA-256 of the source file's content and the conversion options. It is read back
+memory-mapped: tensors are views of the page cache, copied only when written to
+(copy-on-write), so start-up does not read 1 GB it may not yet need.
+
+Hashing a 250 MB file takes about a second, so the hash of each (path, size, mtime) is itself
+remembered in a small index; a changed file gets a new hash and so a new entry. Entries are
+written atomically (temp directory + rename), so a killed conversion leaves nothing half-made.
+Set ``OPENGEMMA_CACHE`` to move the cache, ``OPENGEMMA_NO_CACHE=1`` to turn it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .config import GemmaConfig
+
+FORMAT_VERSION = 1  # bump when converted tensors would differ for the same source and options
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
+
+
+def enabled() -> bool:
+    return os.environ.get("OPENGEMMA_NO_CACHE", "") in ("", "0")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPENGEMMA_CACHE", Path.home() / ".cache" / "opengemma")) / "converted"
+
+
+def _file_sha256(path: Path, root: Path) -> str:
+    """Content hash of ``path``, remembered per (path, size, mtime) so it is computed once."""
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = root / "hashes.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if ident in known:
+        return known[ident]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    known[ident] = digest.hexdigest()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(f".hashes.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, index)
+    return known[ident]
+
+
+def entry_dir(source: Path, **options) -> Path:
+    """Where the converted form of ``source`` with these options lives (it may not exist yet)."""
+    root = cache_root()
+    key = json.dumps({"sha256": _file_sha256(source, root), "version": FORMAT_VERSION, **options}, sort_keys=True)
+    return root / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def load_mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as copy-on-write views of a memory map (no read up front)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        array = data[start:end].view(_NP_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensor = torch.from_numpy(array)
+        out[name] = tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+    return out
+
+
+def read(entry: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], bytes | None, dict] | None:
+    """A cached conversion, or None when there is none (or it is unreadable: then it is rebuilt)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        config = GemmaConfig.from_dict(meta["config"])
+        tensors = load_mmap_safetensors(entry / "model.safetensors")
+        tok = entry / "tokenizer.model"
+        return config, tensors, (tok.read_bytes() if tok.exists() else None), meta.get("extra", {})
+    except Exception:  # a damaged entry is not the user's problem: convert again
+        return None
+
+
+def write(entry: Path, config: GemmaConfig, state_dict: dict[str, torch.Tensor], tokenizer_bytes: bytes | None,
+          extra: dict | None = None) -> None:
+    """Store a conversion atomically; failures (disk full, read-only home) only cost the cache."""
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        if tokenizer_bytes is not None:
+            (tmp / "tokenizer.model").write_bytes(tokenizer_bytes)
+        (tmp / "meta.json").write_text(json.dumps({"config": config.to_dict(), "extra": extra or {}}))
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if entry.exists():  # a damaged entry (read() gave None): replace it
+            shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+        tmp = None
+    except OSError:  # includes losing a race to another process: its entry is as good as ours
+        pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
