@@ -202,11 +202,18 @@ class Gemma:
 
 
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, seed: int = 0) -> Gemma:
+         device: str | torch.device | None = None, seed: int = 0, quantize: str | None = None) -> Gemma:
     """Load a model (None = the embedded Gemma 3 270M) ready for generation.
 
     ``seed`` only matters for presets, whose weights are random (normal, std 0.02).
+    ``quantize``: None/"none", "int8" or "int4" weight-only quantization (:mod:`opengemma.quant`);
+    GGUF weights go straight into quantized modules, without a float copy of the model.
     """
+    if quantize in (None, "none"):
+        quantize = None
+    else:
+        from . import quant
+        quant._check_mode(quantize)
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     src = resolve(model)
@@ -222,6 +229,9 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
                     p.normal_(0.0, 0.02, generator=g)
         net.eval()
         tokenizer = load_tokenizer(src, net.config)
+    elif quantize and src.kind == "gguf":  # straight into quantized modules, no float model
+        _, net = quant.quantized_from_gguf(src.path, quantize, dtype=dt, device=dev)
+        tokenizer = load_tokenizer(src, net.config)
     elif src.kind == "gguf" and weight_cache.enabled():
         net, tokenizer = _load_gguf_cached(src, dt, dev)
     else:
@@ -229,6 +239,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
         config, state_dict = module.load(src.path, dtype=dt)
         net = load_weights(config, state_dict, dtype=dt, device=dev)
         tokenizer = load_tokenizer(src, net.config)
+    if quantize and not isinstance(net.embed, quant.QuantizedEmbedding):
+        quant.quantize_model(net, quantize)
     return Gemma(net, tokenizer, src.name)
 
 

@@ -44,6 +44,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to load (default: embedded 270M)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--quantize", "-q", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization of every linear layer and the tied embedding: int8 per "
+                        "channel or int4 in groups of 32 (GGUF 4-bit tensors load as int4 directly)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -117,7 +120,7 @@ def cmd_generate(args) -> int:
     from .api import load
 
     prompt = _read_prompt(args.prompt)
-    g = load(args.model, dtype=args.dtype, device=args.device)
+    g = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.chat:
         pieces = g.chat([{"role": "user", "content": prompt}], stream=True, **_sampling(args))
     else:
@@ -132,7 +135,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .api import load
 
-    g = load(args.model, dtype=args.dtype, device=args.device)
+    g = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {g.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)

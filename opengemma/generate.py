@@ -394,9 +394,9 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]],
 
 
 def _device(model) -> torch.device:
-    embed = getattr(model, "embed", None)
-    if embed is not None:
-        return embed.weight.device
+    norm = getattr(model, "final_norm", None)  # stays a float tensor when weights are quantized
+    if norm is not None:
+        return norm.weight.device
     p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return p.device if p is not None else torch.device("cpu")
 

@@ -15,7 +15,6 @@ batching). A position of -1 marks padding: it is neither attended to nor written
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -259,11 +258,6 @@ class Block(nn.Module):
         return h + r
 
 
-@functools.lru_cache(maxsize=None)
-def _rounded(value: float, dtype: torch.dtype) -> float:
-    return torch.tensor(value, dtype=dtype).item()
-
-
 class TiedEmbedding(nn.Embedding):
     """Input embedding that is also the output projection (report: embeddings shared across
     inputs and outputs). Quantized replacements provide the same two methods."""
@@ -280,6 +274,10 @@ class GemmaModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self._inv_freq: dict = {}
+        # sqrt(d_model) as each activation dtype rounds it (precomputed: no .item() in forward,
+        # which would break a torch.compile graph).
+        self._embed_scale = {dt: torch.tensor(math.sqrt(config.d_model), dtype=dt, device="cpu").item()
+                             for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:
@@ -323,7 +321,7 @@ class GemmaModel(nn.Module):
         h = self.embed(tokens).to(self.final_norm.weight.dtype)  # [B, T, d_model]
         # The reference multiplies by sqrt(d_model) rounded to the activation dtype (25.25, not
         # 25.298, in bf16 for d_model=640): a Python float holding that rounded value does the same.
-        h = h * _rounded(math.sqrt(cfg.d_model), h.dtype)
+        h = h * self._embed_scale[h.dtype]
         rope = {False: self._rope(input_pos, False, h.dtype)}
         has_local = bool(cfg.layer_types) and any(cfg.is_local(i) for i in range(cfg.n_layers))
         if has_local:

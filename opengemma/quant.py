@@ -1,0 +1,562 @@
+"""Weight-only quantization: int8 (per output channel, symmetric) and int4 (groups of 32, asymmetric).
+
+Every ``nn.Linear`` becomes an :class:`Int8Linear` / :class:`Int4Linear` and the tied embedding a
+:class:`QuantizedEmbedding` (``forward(ids)`` gathers and dequantizes only the looked-up rows,
+``attend(h)`` is the quantized output projection). Norms stay in the activation dtype, so
+``model.final_norm.weight.dtype`` still names the activation/cache dtype.
+
+Kernels (PyTorch's own; measured with torch 2.13 on this 2-core CPU, 2 threads, batch 1):
+
+* int8: ``aten._weight_int8pack_mm(x[M, K], w_int8[N, K], scales[N])`` = ``x @ (w * s[:, None]).T``
+  (CPU and CUDA). On the CPU it is fast only with **bf16** activations and scales: the
+  262144x640 head takes ~32 ms (bf16) vs 147 ms with fp32 activations and 86 ms for a dense fp32
+  ``F.linear``; the 2048x640 MLP matmul 0.04 ms vs 0.43 ms (fp32 activations) vs ~0.1 ms dense bf16.
+* int4: ``aten._convert_weight_to_int4pack_for_cpu(q_int32[N, K], innerKTiles)`` +
+  ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros[K/group, N, 2])`` on the
+  CPU; ``aten._convert_weight_to_int4pack(q_uint8[N, K/2], innerKTiles)`` +
+  ``aten._weight_int4pack_mm`` on CUDA. Convention (verified numerically):
+  ``w = (q - 8) * scale + zero`` with q in 0..15. On the CPU, fp32 activations take 305 ms for
+  the head, bf16 ones 27 ms; so again bf16.
+
+Hence on the CPU the packed kernels always run with bf16 activations (``compute_dtype``): an fp32
+model casts each linear's input to bf16 and its output back to fp32. That rounds activations
+(relative 2**-8) on top of the weight rounding; the measured effect is in the tests and the
+report (int8 perplexity 18.66 vs fp32 18.95; see tests/test_quant.py). For many rows at once (prefill, ``M > dense_rows``) the
+packed kernels are not faster than a dense GEMM (512x640 @ 640x2048: int4/int8 packed ~24-36 ms,
+dense bf16 ~12 ms), so there the weight is dequantized on the fly into the activation dtype and
+multiplied with ``F.linear`` (exact with respect to the stored quantized weights).
+Where no packed kernel exists for a device/dtype (e.g. MPS, an int4 shape the kernel refuses),
+the module falls back to the same dequantize-on-the-fly matmul.
+
+torchao is not used: everything it would call for these two schemes on CPU/CUDA is the same
+pair of aten ops used here (its ``int4_weight_only`` / ``int8_weight_only`` layouts wrap
+``_weight_int4pack_mm[_for_cpu]`` and ``_weight_int8pack_mm`` / a dequant matmul), it is not
+installed, and its tensor-subclass API changes between releases; the extra dependency buys no
+speed for weight-only decode.
+
+Group size 32 for int4: it is the block size of GGUF's Q4_0 and of Q4_K's sub-blocks, so those
+tensors load *directly* (no re-quantization); it is the most accurate choice; and the kernel is
+no slower with it (head: 27 ms for 32 vs 35 ms for 64/128, within noise). Cost: bf16 scale+zero
+per 32 weights = 1 extra bit per weight (5 bits/weight in all, Q4_0 has 4.5).
+
+GGUF direct loading (:func:`quantized_from_gguf`):
+
+* Q4_0 (``w = d * (q - 8)``): scale = d, zero = 0. Exact with fp32 scales; with bf16 scales
+  (the CPU kernel's), scale is d (fp16) rounded to bf16: relative error <= 2**-8 of d, i.e.
+  <= 8 * 2**-8 = 1/32 of a quantization step per weight.
+* Q4_K (``w = d*sc * q - dmin*m`` per 32-value sub-block): scale = d*sc, zero = 8*scale - dmin*m.
+  Exact up to one fp32 rounding of the zero with fp32 scales; with bf16 scale and zero the error
+  is <= 8 * 2**-8 * scale + 2**-8 * |zero| (a few percent of a step; re-quantizing from fp32
+  would cost up to half a step).
+* Q8_0 (int8 blocks of 32, one fp16 scale per block) has no exact per-channel int8 form (the
+  block scales differ along a row), and Q5_0 / Q6_K have more than 4 bits: these tensors are
+  dequantized one tensor at a time (in row chunks) and re-quantized to the requested mode.
+  Q8_0 -> per-channel int8 adds at most half a per-row step (|row|max / 254) to each weight.
+* In ``int8`` mode, Q4_0 / Q4_K tensors are still loaded as exact int4 (``int4_exact=True``):
+  re-quantizing a 4-bit tensor to 8 bits per channel would only add error and bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MODES",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantizedEmbedding",
+    "perplexity",
+    "quantize_model",
+    "quantized_from_gguf",
+]
+
+MODES = ("int8", "int4")
+DEFAULT_GROUP = 32
+_CPU_BLOCK_N = 64  # the CPU int4pack layout: [N/64, K, 32] bytes, low nibble row j, high row 32+j
+_CHUNK_ROWS = 8192  # rows quantized at once: bounds the temporaries for the 262144-row embedding
+DENSE_ROWS = 32  # more input rows than this: dequantize the weight and use a dense GEMM
+
+
+def _default_compute_dtype(device: torch.device, act_dtype: torch.dtype) -> torch.dtype:
+    # Both the CPU and the CUDA packed kernels are fast (CUDA: only defined) for bf16 activations.
+    if device.type in ("cpu", "cuda"):
+        return torch.bfloat16
+    return act_dtype
+
+
+# -- int8 -----------------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16):
+    """Per-output-channel symmetric int8: w ~ q * s[:, None], q in -127..127.
+
+    The scale is rounded to ``scale_dtype`` *before* q is computed, so q is optimal for the
+    scale actually stored. Returns (q int8 [N, K], s [N] in scale_dtype).
+    """
+    wf = w.float()
+    lo, hi = torch.aminmax(wf, dim=1)
+    s = (torch.maximum(-lo, hi) / 127.0).clamp_min(1e-12).to(scale_dtype)
+    q = (wf * (1.0 / s.float())[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, s
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * s[:, None]).T`` with q int8 [out, in] and per-output-channel scales s."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, *, act_dtype: torch.dtype,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.act_dtype = act_dtype
+        self.compute_dtype = compute_dtype or _default_compute_dtype(qweight.device, act_dtype)
+        self.packed_ok = qweight.device.type in ("cpu", "cuda")  # aten kernel exists; cleared on error
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, act_dtype=None, compute_dtype=None) -> Int8Linear:
+        act_dtype = act_dtype or weight.dtype
+        cd = compute_dtype or _default_compute_dtype(weight.device, act_dtype)
+        N, K = weight.shape
+        chunks = (quantize_int8(weight[i:i + _CHUNK_ROWS], cd) for i in range(0, N, _CHUNK_ROWS))
+        return build_int8(chunks, N, K, act_dtype=act_dtype, compute_dtype=cd, device=weight.device)
+
+    def dequantize(self, rows: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+        q, s = (self.qweight, self.scales) if rows is None else (self.qweight[rows], self.scales[rows])
+        return q.to(dtype) * s.to(dtype)[..., None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed_ok and x2.shape[0] <= DENSE_ROWS:
+            try:
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(self.compute_dtype), self.qweight, self.scales)
+                return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            except (RuntimeError, NotImplementedError):  # no kernel for this device/dtype
+                self.packed_ok = False
+        y = F.linear(x2, self.dequantize(dtype=x.dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+# -- int4 -----------------------------------------------------------------------------------------
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP, scale_dtype: torch.dtype = torch.bfloat16):
+    """Grouped asymmetric int4 in the kernels' convention ``w ~ (q - 8) * scale + zero``.
+
+    Per group of ``group_size`` input columns: scale = (max - min) / 15, zero = min + 8 * scale
+    (both rounded to ``scale_dtype`` before q is computed). Returns q (uint8 [N, K], 0..15),
+    scale and zero ([N, K/group] in scale_dtype).
+    """
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = torch.aminmax(wg, dim=-1)
+    s = ((hi - lo) / 15.0).clamp_min(1e-12).to(scale_dtype)
+    z = (lo + 8.0 * s.float()).to(scale_dtype)
+    t = wg - z.float()[..., None]
+    q = t.mul_((1.0 / s.float())[..., None]).add_(8.0).round_().clamp_(0, 15).to(torch.uint8)
+    return q.reshape(N, K), s, z
+
+
+def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] (0..15, N % 64 == 0) -> the CPU int4pack layout via torch's own converter."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+
+
+def _unpack_cpu_rows(packed: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
+    """q values (uint8 [len(rows), K]) of the given rows of a CPU-packed int4 weight.
+
+    Layout (checked against the converter in the tests): ``packed.view(N/64, K, 32)[b, k, j]``
+    holds row 64b + j in its low nibble and row 64b + 32 + j in its high nibble.
+    """
+    blocks = packed.view(-1, K, 32)
+    j = rows % _CPU_BLOCK_N
+    byte = blocks[rows // _CPU_BLOCK_N, :, j % 32]  # [R, K]
+    shift = ((j >= 32).to(torch.uint8) * 4)[:, None]
+    return (byte >> shift) & 15
+
+
+def _pack_plain(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] -> [N, K/2]: even column in the high nibble (the CUDA converter's input)."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+
+
+def _unpack_plain(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1)
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T`` with ``W = (q - 8) * scale + zero`` per group of ``group_size`` inputs.
+
+    Storage by ``layout``: "cpu" (torch's CPU int4pack, [N, K/2] uint8, rows padded to 64),
+    "cuda" (torch's CUDA tiled int4pack, int32) or "plain" ([N, K/2] uint8 nibble pairs: the
+    dequantize-on-the-fly fallback). ``scales_and_zeros`` is [K/group, N, 2] in compute_dtype.
+    ``keep_rows`` keeps a plain copy for row gathers where the packed layout cannot be indexed
+    (CUDA); the CPU layout is gathered from directly. Build with :meth:`from_float`,
+    :meth:`from_qsz` or :func:`build_int4` (row chunks: no full-size temporaries).
+    """
+
+    def __init__(self, qweight, scales_and_zeros, out_features: int, in_features: int, group_size: int, *,
+                 act_dtype: torch.dtype, compute_dtype: torch.dtype, layout: str, rows_plain=None):
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.act_dtype, self.compute_dtype, self.layout = act_dtype, compute_dtype, layout
+        self.n_pad = -out_features % _CPU_BLOCK_N if layout == "cpu" else 0
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("rows_plain", rows_plain)
+        self.packed_ok = layout != "plain"
+
+    @classmethod
+    def from_qsz(cls, q, scale, zero, group_size: int, *, act_dtype, compute_dtype=None, keep_rows=False):
+        return build_int4([(q, scale, zero)], q.shape[0], q.shape[1], group_size, act_dtype=act_dtype,
+                          compute_dtype=compute_dtype, device=q.device, keep_rows=keep_rows)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP, *, act_dtype=None,
+                   compute_dtype=None, keep_rows: bool = False) -> Int4Linear:
+        act_dtype = act_dtype or weight.dtype
+        cd = compute_dtype or _default_compute_dtype(weight.device, act_dtype)
+        N, K = weight.shape
+        chunks = (quantize_int4(weight[i:i + _CHUNK_ROWS], group_size, cd) for i in range(0, N, _CHUNK_ROWS))
+        return build_int4(chunks, N, K, group_size, act_dtype=act_dtype, compute_dtype=cd,
+                          device=weight.device, keep_rows=keep_rows)
+
+    def q_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Unpacked q (uint8 0..15) of the given rows, or of all rows."""
+        N, K = self.out_features, self.in_features
+        if rows is None:
+            rows = torch.arange(N, device=self.qweight.device)
+        if self.layout == "cpu":
+            return _unpack_cpu_rows(self.qweight, rows, K)
+        if self.layout == "plain":
+            return _unpack_plain(self.qweight[rows])
+        if self.rows_plain is not None:
+            return _unpack_plain(self.rows_plain[rows])
+        raise RuntimeError("rows of a CUDA-packed int4 weight cannot be read back (keep_rows=False)")
+
+    def dequantize(self, rows: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+        q = self.q_rows(rows)  # [R, K]
+        sz = self.scales_and_zeros if rows is None else self.scales_and_zeros[:, rows]
+        sz = sz.to(dtype)  # [K/g, R, 2]
+        s = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)  # [R, K]
+        z = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
+        if rows is None:
+            s, z = s[:self.out_features], z[:self.out_features]
+        return (q.to(dtype) - 8) * s + z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed_ok and (x2.shape[0] <= DENSE_ROWS or self.layout == "cuda"):
+            try:
+                xc = x2.to(self.compute_dtype)
+                if self.layout == "cpu":
+                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.qweight, self.group_size,
+                                                                    self.scales_and_zeros)
+                else:  # CUDA, UNTESTED here (no GPU)
+                    y = torch.ops.aten._weight_int4pack_mm(xc, self.qweight, self.group_size,
+                                                           self.scales_and_zeros)
+                if self.n_pad:
+                    y = y[:, :self.out_features]
+                return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            except (RuntimeError, NotImplementedError):
+                if self.layout == "cuda":
+                    raise  # the CUDA layout has no fallback that can read it
+                self.packed_ok = False
+        y = F.linear(x2, self.dequantize(dtype=x.dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"layout={self.layout}, compute_dtype={self.compute_dtype}")
+
+
+def build_int4(chunks, N: int, K: int, group_size: int, *, act_dtype, compute_dtype=None, device="cpu",
+               layout: str | None = None, keep_rows: bool = False) -> Int4Linear:
+    """An :class:`Int4Linear` from consecutive row chunks ``(q uint8 [n, K], scale, zero [n, K/g])``.
+
+    Each chunk is packed as it arrives (the CPU layout packs 64-row blocks independently), so the
+    only full-size buffers are the packed result and its scales (chunks must be multiples of 64
+    rows, except the last).
+    """
+    dev = torch.device(device)
+    cd = compute_dtype or _default_compute_dtype(dev, act_dtype)
+    if layout is None:
+        layout = {"cpu": "cpu", "cuda": "cuda"}.get(dev.type, "plain")
+        if layout == "cuda" and (K % 128 or N % 8 or group_size not in (32, 64, 128, 256)):
+            layout = "plain"
+    n_pad = -N % _CPU_BLOCK_N if layout == "cpu" else 0
+    sz = torch.empty(K // group_size, N + n_pad, 2, dtype=cd, device=dev)
+    sz[:, N:] = 0
+    store = torch.empty(N + n_pad, K // 2, dtype=torch.uint8, device=dev)
+    i = 0
+    for q, scale, zero in chunks:
+        n = q.shape[0]
+        sz[:, i:i + n, 0] = scale.t()
+        sz[:, i:i + n, 1] = zero.t()
+        if layout == "cpu":
+            if i + n == N and n_pad:
+                q = torch.cat([q, q.new_full((n_pad, K), 8)])
+            store[i:i + q.shape[0]] = _pack_cpu(q)
+        else:
+            store[i:i + n] = _pack_plain(q)
+        i += n
+    if i != N:
+        raise ValueError(f"int4 chunks cover {i} rows, expected {N}")
+    rows_plain = None
+    if layout == "cuda":  # UNTESTED here (no GPU): torch >= 2.5 converts uint8 [N, K/2] nibble pairs
+        packed = torch.ops.aten._convert_weight_to_int4pack(store, 8)
+        rows_plain = store if keep_rows else None
+        store = packed
+    return Int4Linear(store, sz, N, K, group_size, act_dtype=act_dtype, compute_dtype=cd, layout=layout,
+                      rows_plain=rows_plain)
+
+
+def build_int8(chunks, N: int, K: int, *, act_dtype, compute_dtype, device="cpu") -> Int8Linear:
+    """An :class:`Int8Linear` from consecutive row chunks ``(q int8 [n, K], s [n])``."""
+    qw = torch.empty(N, K, dtype=torch.int8, device=device)
+    sc = torch.empty(N, dtype=compute_dtype, device=device)
+    i = 0
+    for q, s in chunks:
+        qw[i:i + len(q)], sc[i:i + len(q)] = q, s
+        i += len(q)
+    if i != N:
+        raise ValueError(f"int8 chunks cover {i} rows, expected {N}")
+    return Int8Linear(qw, sc, act_dtype=act_dtype, compute_dtype=compute_dtype)
+
+
+# -- embedding ------------------------------------------------------------------------------------
+class QuantizedEmbedding(nn.Module):
+    """The tied embedding over a quantized matrix: ``forward(ids)`` dequantizes only the rows
+    looked up (in the activation dtype); ``attend(h)`` is the quantized output projection."""
+
+    def __init__(self, inner: Int8Linear | Int4Linear):
+        super().__init__()
+        self.inner = inner
+        self.num_embeddings, self.embedding_dim = inner.out_features, inner.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.inner.dequantize(ids.reshape(-1), dtype=self.inner.act_dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner(h)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The *stored* (packed integer) matrix: for ``.device`` queries only, not float values."""
+        return self.inner.qweight
+
+
+# -- model-level ----------------------------------------------------------------------------------
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        from .errors import OpenGemmaError
+
+        raise OpenGemmaError(f"unknown quantization {mode!r}; choose one of none, {', '.join(MODES)}")
+
+
+def _quantize_weight(w: torch.Tensor, mode: str, group_size: int, act_dtype, compute_dtype, embedding=False):
+    if mode == "int8" or w.shape[1] % group_size:
+        return Int8Linear.from_float(w, act_dtype=act_dtype, compute_dtype=compute_dtype)
+    return Int4Linear.from_float(w, group_size, act_dtype=act_dtype, compute_dtype=compute_dtype,
+                                 keep_rows=embedding)
+
+
+def quantize_model(model: nn.Module, mode: str, *, group_size: int = DEFAULT_GROUP,
+                   compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` (bias-free) and the tied embedding in place; returns ``model``.
+
+    One weight is quantized at a time (in row chunks) and its float copy dropped right after, so
+    the extra memory is a few chunks, not a second model. Norms are untouched. A linear whose
+    input size is not a multiple of ``group_size`` gets int8 in int4 mode.
+    """
+    _check_mode(mode)
+    from .model import TiedEmbedding
+
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if (isinstance(mod, nn.Linear) and mod.bias is None) or isinstance(mod, TiedEmbedding)]
+    with torch.no_grad():
+        for name, mod in targets:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            w = mod.weight.detach()
+            emb = isinstance(mod, TiedEmbedding)
+            new = _quantize_weight(w, mode, group_size, w.dtype, compute_dtype, embedding=emb)
+            setattr(parent, attr, QuantizedEmbedding(new) if emb else new)
+            del w
+            mod.weight = None  # drop the float weight now, not when the loop ends
+    return model
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+def _gguf_q4_0(raw: np.ndarray, N: int, K: int):
+    """Q4_0 rows [N, K/32*18] -> (q uint8 [N, K], scale, zero float32 [N, K/32]); w = d * (q - 8)."""
+    blocks = raw.reshape(N, K // 32, 18)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)  # first 16 low, last 16 high
+    return torch.from_numpy(q), torch.from_numpy(d), torch.zeros(N, K // 32)
+
+
+def _gguf_q4_k(raw: np.ndarray, N: int, K: int):
+    """Q4_K rows -> (q, scale, zero) with w = d*sc*q - dmin*m = (q - 8) * scale + zero."""
+    from gguf.quants import Q4_K
+
+    nb = K // 256
+    blocks = raw.reshape(N * nb, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # [B, 8] each, 6-bit
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(N, K)
+    scale = d * sc.astype(np.float32)  # exact in fp32 (11-bit x 6-bit)
+    zero = 8.0 * scale - dmin * m.astype(np.float32)
+    return (torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scale.reshape(N, K // 32)),
+            torch.from_numpy(zero.astype(np.float32).reshape(N, K // 32)))
+
+
+_DIRECT_INT4 = {"Q4_0": _gguf_q4_0, "Q4_K": _gguf_q4_k}
+
+
+def _q8_0_chunks(raw: np.ndarray, N: int, K: int, chunk: int):
+    """Float32 rows of a Q8_0 tensor (w = d * q per block of 32), in torch: ~10x gguf-py's numpy."""
+    for i in range(0, N, chunk):
+        blk = torch.from_numpy(np.array(raw[i:i + chunk], copy=True)).view(-1, K // 32, 34)
+        d = blk[..., :2].contiguous().view(torch.float16).float()  # [n, K/32, 1]
+        q = blk[..., 2:].contiguous().view(torch.int8)
+        yield (q.float() * d).reshape(-1, K)
+
+
+def _float_chunks(buf, info, chunk: int = _CHUNK_ROWS):
+    """Float32 rows of one GGUF tensor, chunk by chunk (never the whole tensor at once)."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    N, K = info.shape
+    raw = np.frombuffer(buf, np.uint8, info.n_bytes, info.offset).reshape(N, -1)
+    if info.qtype.name == "Q8_0":
+        yield from _q8_0_chunks(raw, N, K, chunk)
+        return
+    for i in range(0, N, chunk):
+        vals = gguf_dequantize(raw[i:i + chunk], info.qtype)
+        yield torch.from_numpy(np.array(vals, dtype=np.float32, copy=True).reshape(-1, K))
+
+
+def direct_int4(buf, info, *, act_dtype=torch.float32, compute_dtype=None, device="cpu",
+                keep_rows=False, chunk: int = _CHUNK_ROWS) -> Int4Linear:
+    """An :class:`Int4Linear` (group 32) straight from a Q4_0 / Q4_K GGUF tensor's blocks."""
+    N, K = info.shape
+    raw = np.frombuffer(buf, np.uint8, info.n_bytes, info.offset).reshape(N, -1)
+    fn = _DIRECT_INT4[info.qtype.name]
+    dev = torch.device(device)
+    chunks = ((t.to(dev) for t in fn(raw[i:i + chunk], min(chunk, N - i), K)) for i in range(0, N, chunk))
+    return build_int4((tuple(c) for c in chunks), N, K, DEFAULT_GROUP, act_dtype=act_dtype,
+                      compute_dtype=compute_dtype, device=dev, keep_rows=keep_rows)
+
+
+def _from_gguf_tensor(buf, info, mode, group_size, act_dtype, compute_dtype, device, embedding, int4_exact):
+    """Quantized module for one 2-D GGUF weight: direct where exact, else dequantize + quantize."""
+    direct = info.qtype.name in _DIRECT_INT4 and (mode == "int4" or int4_exact) and group_size == 32
+    if direct:
+        return direct_int4(buf, info, act_dtype=act_dtype, compute_dtype=compute_dtype, device=device,
+                           keep_rows=embedding)
+    dev = torch.device(device)
+    cd = compute_dtype or _default_compute_dtype(dev, act_dtype)
+    N, K = info.shape
+    if mode == "int8" or K % group_size:
+        chunks = (quantize_int8(c.to(dev), cd) for c in _float_chunks(buf, info))
+        return build_int8(chunks, N, K, act_dtype=act_dtype, compute_dtype=cd, device=dev)
+    chunks = (quantize_int4(c.to(dev), group_size, cd) for c in _float_chunks(buf, info))
+    return build_int4(chunks, N, K, group_size, act_dtype=act_dtype, compute_dtype=cd, device=dev,
+                      keep_rows=embedding)
+
+
+def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                        group_size: int = DEFAULT_GROUP, compute_dtype: torch.dtype | None = None,
+                        int4_exact: bool = True):
+    """(config, model) of a GGUF file with its weights loaded straight into quantized modules.
+
+    Q4_0 / Q4_K tensors become exact int4 (group 32) in both modes (``int4_exact``); the other
+    weights are dequantized one at a time, in row chunks, and quantized to ``mode``. Norms are
+    loaded in ``dtype`` (the activation dtype). Peak memory: the quantized model plus one chunk.
+    """
+    _check_mode(mode)
+    from .checkpoints import gguf as g
+    from .errors import OpenGemmaError
+    from .model import build_model
+
+    dev = torch.device(device)
+    with g._Mapped(path) as m:
+        header, path = m.header, m.path
+        config = g._config(header, path)
+        g._check_qtypes(header, path)
+        model = build_model(config, device="meta")
+        seen: set[str] = set()
+        output = None
+        for info in header.tensors:
+            if info.name == "output.weight":
+                output = info
+                continue
+            name = g.our_name(info.name)
+            if name is None:
+                raise OpenGemmaError(f"{path}: unexpected tensor {info.name!r} for a Gemma model")
+            if name in seen:
+                raise OpenGemmaError(f"{path}: duplicate tensor {info.name!r}")
+            seen.add(name)
+            mod_name = name.rsplit(".", 1)[0]
+            try:
+                mod = model.get_submodule(mod_name)
+            except AttributeError:
+                raise OpenGemmaError(f"{path}: tensor {info.name!r} does not fit the model") from None
+            expected = tuple(mod.weight.shape)
+            if tuple(info.shape) != expected:
+                raise OpenGemmaError(f"{path}: {info.name} has shape {tuple(info.shape)}, expected {expected}")
+            parent_name, _, attr = mod_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(mod, nn.Linear) or mod_name == "embed":
+                emb = mod_name == "embed"
+                new = _from_gguf_tensor(m.buf, info, mode, group_size, dtype, compute_dtype, dev, emb, int4_exact)
+                setattr(parent, attr, QuantizedEmbedding(new) if emb else new)
+            else:  # norms: float, in the activation dtype
+                vals = g._undo_norm_shift(info.name, g.dequantize(m.buf, info))
+                mod.weight = nn.Parameter(torch.from_numpy(vals).to(device=dev, dtype=dtype), requires_grad=False)
+        if output is not None:  # an untied copy of the embedding: accept only a byte-identical one
+            emb = next(t for t in header.tensors if t.name == "token_embd.weight")
+            same = (output.qtype == emb.qtype and output.n_bytes == emb.n_bytes
+                    and m.buf[output.offset:output.offset + output.n_bytes]
+                    == m.buf[emb.offset:emb.offset + emb.n_bytes])
+            if not same:
+                raise OpenGemmaError(f"{path}: output.weight differs from token_embd.weight; untied output "
+                                     "embeddings are not supported")
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p is not None and p.is_meta]
+    if left:
+        raise OpenGemmaError(f"{path}: GGUF file lacks {len(left)} tensors, e.g. {left[0]}")
+    return config, model.eval()
+
+
+# -- quality --------------------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(model, ids, *, chunk: int = 512) -> float:
+    """Perplexity of ``model`` on one token sequence (list or 1-D tensor; the first token is
+    context only), computed with a KV cache in chunks of ``chunk`` positions."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    dev = model.final_norm.weight.device
+    ids = ids.to(dev)
+    T = ids.shape[1]
+    cache = model.make_cache(1, T)
+    nll, n = 0.0, 0
+    for i in range(0, T - 1, chunk):
+        j = min(i + chunk, T - 1)
+        logits = model(ids[:, i:j], torch.arange(i, j, device=dev), cache)  # [1, t, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tgt = ids[:, i + 1:j + 1]
+        nll -= logp.gather(-1, tgt[..., None]).sum().item()
+        n += tgt.numel()
+    return math.exp(nll / n)
