@@ -4,6 +4,8 @@
   chat      interactive multi-turn chat (report Tables 3/4 formatter); /reset, /exit, Ctrl-D
   info      a model's or preset's config and parameter counts (Table 2 style)
   convert   GGUF / Hugging Face / opengemma checkpoints into opengemma or Hugging Face layout
+  serve     an OpenAI-compatible HTTP server with continuous batching (opengemma.serve)
+  eval      the report's benchmarks, memorization and side-by-side evaluation (opengemma.eval)
 
 Every problem with the user's input ends as one line on stderr and exit status 1 (2 for
 argument errors, from argparse); interrupts exit with 130. Without --model, the embedded
@@ -104,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["opengemma", "hf"], default="opengemma", help="output layout (default opengemma)")
     p.add_argument("--dtype", default="float32", help="dtype of the written weights (default float32)")
     p.add_argument("--force", action="store_true", help="write into DST even if it exists")
+    from .eval.cli import add_eval_parser
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -245,7 +252,20 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "convert": cmd_convert}
+def cmd_serve(args) -> int:
+    from .serve.cli import run_serve
+
+    return run_serve(args)
+
+
+def cmd_eval(args) -> int:
+    from .eval.cli import run_eval
+
+    return run_eval(args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "convert": cmd_convert,
+            "serve": cmd_serve, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,210 @@
+"""``opengemma eval``: the report's evaluation section from the command line (report section
+"Evaluation": Table 6 benchmarks, Table 5 side-by-side, "Memorization Evaluations").
+
+  opengemma eval --tasks hellaswag,piqa --limit 100 --data-dir ../shared/benchmarks -o run.json
+  opengemma eval --tasks arc_challenge,hellaswag,winogrande --card-shots      # Gemma 3 card shots
+  opengemma eval --memorization web=corpus.jsonl --memorization-n 1000
+  opengemma eval --sxs prompts.jsonl --baseline gemma-2b --judge http://localhost:8000/v1 --judge-model m
+  opengemma eval --compare a.json b.json                                       # runs side by side
+
+``cli.py`` of the package wires it in with ``add_eval_parser(sub)`` and ``COMMANDS["eval"] = run_eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+from ..errors import OpenGemmaError
+
+DESCRIPTION = ("Evaluate a model as the Gemma report does: the Table 6 benchmarks (log-likelihood multiple "
+               "choice with prefix reuse, generation with answer extraction, sandboxed code execution), "
+               "memorization rates with a personal-data scan, and Table 5 side-by-side win rates. Prints "
+               "tables and writes JSON (--output).")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="benchmarks, memorization and side-by-side evaluation",
+                              description=DESCRIPTION)
+    p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to evaluate (default: embedded 270M)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--tasks", "-t", default=None,
+                   help="comma-separated tasks, or 'all' (mmlu, hellaswag, piqa, siqa, boolq, winogrande, "
+                        "commonsense_qa, openbookqa, arc_easy, arc_challenge, triviaqa, natural_questions, "
+                        "humaneval, mbpp, gsm8k, math, agieval, bbh)")
+    p.add_argument("--shots", default=None,
+                   help="few-shot count for every task (N) or per task (hellaswag=10,arc_challenge=25); "
+                        "default: the report's Table 6 counts")
+    p.add_argument("--card-shots", action="store_true",
+                   help="use the Gemma 3 model card's shot counts where they differ (HellaSwag 10, ARC-c 25, "
+                        "WinoGrande 5)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--batch-size", "-b", type=int, default=16, help="rows per forward pass (default 16)")
+    p.add_argument("--data-dir", default=None,
+                   help="local benchmark JSONL (original field names, laid out as ../shared/benchmarks); default "
+                        "$OPENGEMMA_EVAL_DATA, else ../shared/benchmarks if it exists, else the hub")
+    p.add_argument("--hub", action="store_true",
+                   help="read the benchmarks from the Hugging Face hub through `datasets` (pip install "
+                        "'opengemma[eval]')")
+    p.add_argument("--samples", type=int, default=1, help="samples per item: maj@k (GSM8K, MATH), pass@k (code)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature when --samples > 1 "
+                   "(default 0.2 then)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap generation prompts as a user turn through the chat "
+                   "formatter (instruction-tuned models; log-likelihood tasks are scored on raw text)")
+    p.add_argument("--output", "-o", default=None, metavar="JSON", help="write the results here")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="print these result files (and this run, if any) side by side")
+    p.add_argument("--memorization", action="append", default=None, metavar="NAME=PATH",
+                   help="memorization on a corpus (.jsonl with a text field, or .txt one document per line); "
+                        "repeatable")
+    p.add_argument("--memorization-n", type=int, default=10_000, help="documents sampled per corpus (10,000)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding a corpus document")
+    p.add_argument("--sxs", default=None, metavar="PROMPTS",
+                   help="side-by-side on these prompts (.jsonl with 'prompt', or .txt one per line)")
+    p.add_argument("--baseline", default=None, metavar="MODEL", help="the side-by-side baseline model")
+    p.add_argument("--judge", default=None, metavar="MODEL|URL",
+                   help="judge: an opengemma model, or the base URL of an OpenAI-compatible endpoint")
+    p.add_argument("--judge-model", default=None, help="model name to send to an endpoint judge")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length for side-by-side")
+    return p
+
+
+def parse_shots(text: str | None) -> tuple[int | None, dict[str, int]]:
+    """'5' -> (5, {}); 'hellaswag=10,arc_c=25' -> (None, {...})."""
+    if not text:
+        return None, {}
+    from .tasks import ALIASES
+
+    try:
+        if "=" not in text:
+            return int(text), {}
+        per = {}
+        for part in text.split(","):
+            k, v = part.split("=")
+            per[ALIASES.get(k.strip(), k.strip())] = int(v)
+        return None, per
+    except ValueError:
+        raise OpenGemmaError(f"--shots {text!r}: expected N or task=N,task=N") from None
+
+
+def default_data_dir(args) -> str | None:
+    """--data-dir, else $OPENGEMMA_EVAL_DATA, else ../shared/benchmarks when present; None = the hub."""
+    if args.hub:
+        return None
+    if args.data_dir:
+        return args.data_dir
+    if os.environ.get("OPENGEMMA_EVAL_DATA"):
+        return os.environ["OPENGEMMA_EVAL_DATA"]
+    local = os.path.join(os.pardir, "shared", "benchmarks")
+    return local if os.path.isdir(local) else None
+
+
+def _bar(total: int, desc: str):
+    from ..progress import Progress
+
+    return Progress(total, desc, unit="items", scale=1)
+
+
+def _read_lines(path: str, field: str) -> list[str]:
+    from .memorization import read_corpus
+
+    return read_corpus(path, field)
+
+
+def run_eval(args) -> int:
+    from . import report
+
+    if not (args.tasks or args.memorization or args.sxs or args.compare):
+        raise OpenGemmaError("nothing to do: give --tasks, --memorization, --sxs or --compare")
+    if args.limit is not None and args.limit < 1:
+        raise OpenGemmaError("--limit must be at least 1")
+    if args.batch_size < 1 or args.samples < 1:
+        raise OpenGemmaError("--batch-size and --samples must be at least 1")
+    out: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "argv": sys.argv[1:]}
+    if args.tasks:  # unknown task names, shots and data directories fail before any work
+        from .runner import run_task
+        from .tasks import TASKS, get_task
+        from .tasks.base import DataSource
+
+        names = list(TASKS) if args.tasks.strip() == "all" else [t for t in args.tasks.split(",") if t.strip()]
+        tasks = [get_task(n) for n in names]
+        every, per = parse_shots(args.shots)
+        source = DataSource(default_data_dir(args))
+    g = None
+    if args.tasks or args.memorization or args.sxs:
+        from ..api import load
+
+        g = load(args.model, dtype=args.dtype, device=args.device)
+        out.update(model=g.name, config=g.config.name, dtype=str(g.dtype), device=str(g.device))
+    if args.tasks:
+        out["data"] = str(source.data_dir) if source.data_dir else "huggingface hub"
+        out["results"] = []
+        for task in tasks:
+            shots = per.get(task.NAME, every)
+            if shots is None and args.card_shots:
+                shots = getattr(task, "CARD_SHOTS", None)
+            res = run_task(g, task, source, shots=shots, limit=args.limit, batch_size=args.batch_size,
+                           samples=args.samples, temperature=args.temperature, seed=args.seed, chat=args.chat,
+                           progress_factory=_bar)
+            out["results"].append(res)
+            if args.output:
+                report.write_json(args.output, out)  # after every task: partial results survive
+        print(report.benchmark_table(out["results"], title=g.name))
+    if args.memorization:
+        from .memorization import evaluate_corpus, read_corpus
+
+        out["memorization"] = {}
+        for spec in args.memorization:
+            name, _, path = spec.partition("=")
+            if not path:
+                name, path = os.path.splitext(os.path.basename(spec))[0], spec
+            docs = read_corpus(path, args.text_field)
+            bar = _bar(min(args.memorization_n, len(docs)), f"memorization {name}")
+            out["memorization"][name] = evaluate_corpus(g.model, g.tokenizer, docs, n=args.memorization_n,
+                                                        seed=args.seed, batch_size=args.batch_size,
+                                                        progress=bar.update)
+            bar.close()
+        print(report.memorization_table(out["memorization"]))
+    if args.sxs:
+        out["side_by_side"] = _run_sxs(g, args)
+        print(report.sxs_table(f"{g.name} vs {args.baseline}", out["side_by_side"]))
+    if args.output:
+        report.write_json(args.output, out)
+        print(f"wrote {args.output}", file=sys.stderr)
+    if args.compare:
+        runs = [report.load_json(p) for p in args.compare]
+        for r, p in zip(runs, args.compare):
+            r.setdefault("label", os.path.basename(p))
+        if out.get("results"):
+            runs.append(dict(out, label="this run"))
+        print(report.compare(runs))
+    return 0
+
+
+def _run_sxs(g, args) -> dict:
+    from ..api import load
+    from .sxs import EndpointJudge, ModelJudge, respond, side_by_side
+
+    if not args.baseline or not args.judge:
+        raise OpenGemmaError("--sxs needs --baseline MODEL and --judge MODEL|URL")
+    prompts = _read_lines(args.sxs, "prompt")
+    test = respond(g, prompts, args.max_new_tokens)
+    base = load(args.baseline, dtype=args.dtype, device=args.device)
+    baseline = respond(base, prompts, args.max_new_tokens)
+    if args.judge.startswith(("http://", "https://")):
+        if not args.judge_model:
+            raise OpenGemmaError("an endpoint judge needs --judge-model NAME")
+        judge = EndpointJudge(args.judge, args.judge_model)
+    else:
+        judge = ModelJudge(load(args.judge, dtype=args.dtype, device=args.device))
+    bar = _bar(len(prompts), "side-by-side")
+    res = side_by_side(prompts, test, baseline, judge, seed=args.seed, progress=bar.update)
+    bar.close()
+    res["baseline"] = args.baseline
+    res["judge"] = args.judge_model or args.judge
+    return res

@@ -1,0 +1,242 @@
+"""Batched log-likelihood scoring with prefix reuse, and batched generation, for the evaluation
+harness (report section "Evaluation": every Table 6 number is either a log-likelihood comparison
+of choices or a generated answer).
+
+A multiple-choice item is a list of (context, continuation) token pairs, one per choice, behind a
+*prefix* shared by every item of a run (``<bos>`` plus the few-shot examples). Scoring computes
+each distinct piece once:
+
+1. the prefix, once per run (a one-row KV cache kept for the whole task);
+2. each distinct context of a batch once, on rows copied from the prefix cache (WinoGrande's two
+   contexts are two rows; every other task has one context per item);
+3. the continuations, on rows copied from their context's row; a one-token continuation (a letter,
+   "yes"/"no") needs no third forward at all: its log-probability is read from the context's
+   last-position logits.
+
+``score_naive`` scores every (prefix + context + continuation) from scratch; it is the oracle the
+tests compare against and the baseline of ``bench/eval_prefix_reuse.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OpenGemmaError
+from ..generate import GenerationConfig, generate, prefill
+from ..model import KVCache
+
+Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
+
+
+@dataclass(frozen=True)
+class LoglikRequest:
+    """One item: a shared prefix (non-empty: at least <bos>) and one (context, continuation) per choice."""
+
+    prefix: tuple[int, ...]
+    pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+    @staticmethod
+    def make(prefix: Sequence[int], pairs: Sequence[Pair]) -> LoglikRequest:
+        if not prefix:
+            raise ValueError("the prefix needs at least one token (<bos>)")
+        if any(len(c) == 0 for _, c in pairs):
+            raise ValueError("every continuation needs at least one token")
+        return LoglikRequest(tuple(prefix), tuple((tuple(a), tuple(b)) for a, b in pairs))
+
+
+def take_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
+    """A new cache whose row i is a copy of ``cache``'s row ``index[i]`` (keys, values, positions)."""
+    new = object.__new__(KVCache)
+    new.__dict__.update(cache.__dict__)
+    new.batch_size = int(index.numel())
+    new.k = [t.index_select(0, index) for t in cache.k]
+    new.v = [t.index_select(0, index) for t in cache.v]
+    new.pos_global = cache.pos_global.index_select(0, index)
+    new.pos_local = cache.pos_local.index_select(0, index)
+    return new
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad(rows: Sequence[Sequence[int]], start: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens [B, T] and positions [B, T] (row i at start[i].., padding -1)."""
+    T = max(1, max(len(r) for r in rows))
+    tokens = torch.zeros((len(rows), T), dtype=torch.long)
+    pos = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            tokens[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+            pos[i, :len(r)] = torch.arange(start[i], start[i] + len(r))
+    return tokens.to(device), pos.to(device)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and whether target is the argmax, for logits [..., V] and targets [...]."""
+    picked = logits.gather(-1, targets[..., None])[..., 0]
+    lp = picked - torch.logsumexp(logits, dim=-1)
+    greedy = logits.argmax(-1) == targets
+    return lp, greedy
+
+
+class Scorer:
+    """Scores :class:`LoglikRequest` lists with a model that has ``forward(tokens, input_pos,
+    cache, logits_at)`` and ``make_cache`` (a :class:`~opengemma.model.GemmaModel` or a test mock).
+
+    ``batch_size`` bounds the continuation rows of one forward, ``max_tokens`` the tokens whose
+    full-vocabulary logits are materialised at once (memory: max_tokens x vocab x 4 bytes).
+    """
+
+    def __init__(self, model, *, batch_size: int = 32, max_tokens: int = 512):
+        self.model = model
+        self.batch_size = max(1, batch_size)
+        self.max_tokens = max(1, max_tokens)
+        self._prefix: dict = {}  # (prefix ids, max_len) -> (one-row cache, last logits [V])
+
+    # -- public ---------------------------------------------------------------------------------
+    def score(self, requests: Sequence[LoglikRequest],
+              progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
+        """Per request, per choice: (sum of continuation log-probs, continuation is the greedy one)."""
+        out: list = [None] * len(requests)
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        top = max((max(r.prefix + tuple(t for a, b in r.pairs for t in a + b)) for r in requests), default=0)
+        if vocab is not None and top >= vocab:
+            raise OpenGemmaError(f"token id {top} is outside the model's vocabulary of {vocab}: "
+                                 "the tokenizer does not match this model")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.prefix, []).append(i)
+        with torch.inference_mode():
+            for prefix, idx in groups.items():
+                longest = max(len(a) + len(b) for i in idx for a, b in requests[i].pairs)
+                max_len = -(-(len(prefix) + longest) // 64) * 64
+                pcache, plogits = self._prefix_cache(prefix, max_len)
+                # Longest first (as lm-eval): similar lengths share a batch, padding stays small.
+                idx = sorted(idx, key=lambda i: -max(len(a) + len(b) for a, b in requests[i].pairs))
+                batch: list[int] = []
+                rows = 0
+                for i in idx + [None]:
+                    n = len(requests[i].pairs) if i is not None else 0
+                    if batch and (i is None or rows + n > self.batch_size):
+                        for j, res in zip(batch, self._score_batch([requests[j] for j in batch], pcache,
+                                                                   plogits, len(prefix))):
+                            out[j] = res
+                        if progress:
+                            progress(len(batch))
+                        batch, rows = [], 0
+                    if i is not None:
+                        batch.append(i)
+                        rows += n
+        return out
+
+    def score_naive(self, requests: Sequence[LoglikRequest],
+                    progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
+        """The same numbers, each choice scored alone from position 0 (no reuse): the oracle."""
+        dev = _device(self.model)
+        out = []
+        with torch.inference_mode():
+            for r in requests:
+                res = []
+                for ctx, cont in r.pairs:
+                    seq = list(r.prefix) + list(ctx) + list(cont)
+                    tokens = torch.tensor([seq[:-1]], device=dev)
+                    logits = self.model(tokens)[0, -len(cont):]  # [len(cont), V]
+                    lp, greedy = _token_logprobs(logits, torch.tensor(cont, device=dev))
+                    res.append((float(lp.sum()), bool(greedy.all())))
+                out.append(res)
+                if progress:
+                    progress(1)
+        return out
+
+    # -- internals ------------------------------------------------------------------------------
+    def _prefix_cache(self, prefix: tuple[int, ...], max_len: int):
+        key = (prefix, max_len)
+        if key not in self._prefix:
+            if len(self._prefix) > 8:  # a run uses one or a few prefixes; do not grow without bound
+                self._prefix.clear()
+            cache = self.model.make_cache(1, max_len)
+            logits = prefill(self.model, cache, [list(prefix)])[0]  # [V]
+            self._prefix[key] = (cache, logits)
+        return self._prefix[key]
+
+    def _score_batch(self, reqs: Sequence[LoglikRequest], pcache: KVCache, plogits: torch.Tensor,
+                     plen: int) -> list[list[tuple[float, bool]]]:
+        dev = plogits.device
+        # 1. distinct contexts of the batch, one row each
+        ctx_ids: list[tuple[int, ...]] = []
+        ctx_of: list[list[int]] = []  # per request, per choice: row of its context
+        for r in reqs:
+            seen: dict[tuple[int, ...], int] = {}
+            rows = []
+            for ctx, _ in r.pairs:
+                if ctx not in seen:
+                    seen[ctx] = len(ctx_ids)
+                    ctx_ids.append(ctx)
+                rows.append(seen[ctx])
+            ctx_of.append(rows)
+        n_ctx = len(ctx_ids)
+        ccache = take_rows(pcache, torch.zeros(n_ctx, dtype=torch.long, device=dev))
+        lens = [len(c) for c in ctx_ids]
+        first = plogits[None].expand(n_ctx, -1)  # [C, V] logits for the first continuation token
+        if max(lens) > 0:
+            tokens, pos = _pad(ctx_ids, [plen] * n_ctx, dev)
+            at = torch.tensor([max(n - 1, 0) for n in lens], device=dev)
+            logits = self.model(tokens, pos, ccache, logits_at=at)[:, 0]  # [C, V]
+            has = torch.tensor([n > 0 for n in lens], device=dev)[:, None]
+            first = torch.where(has, logits, first)
+        first_lsm = first - torch.logsumexp(first, dim=-1, keepdim=True)  # [C, V]
+        first_arg = first.argmax(-1)  # [C]
+        # 2. first continuation token of every choice, from its context's last logits
+        results: list[list[list]] = []
+        long_rows: list[tuple[int, int]] = []  # (request, choice) needing a continuation forward
+        for i, r in enumerate(reqs):
+            res = []
+            for j, (_, cont) in enumerate(r.pairs):
+                c = ctx_of[i][j]
+                res.append([float(first_lsm[c, cont[0]]), int(first_arg[c]) == cont[0]])
+                if len(cont) > 1:
+                    long_rows.append((i, j))
+            results.append(res)
+        # 3. the remaining continuation tokens, on copies of the context rows
+        start = 0
+        while start < len(long_rows):
+            width = max(len(reqs[i].pairs[j][1]) - 1 for i, j in long_rows[start:start + self.batch_size])
+            take = max(1, min(self.batch_size, self.max_tokens // max(width, 1)))
+            chunk = long_rows[start:start + take]
+            start += take
+            index = torch.tensor([ctx_of[i][j] for i, j in chunk], device=dev)
+            kcache = take_rows(ccache, index)
+            conts = [reqs[i].pairs[j][1] for i, j in chunk]
+            tokens, pos = _pad([c[:-1] for c in conts], [plen + lens[ctx_of[i][j]] for i, j in chunk], dev)
+            logits = self.model(tokens, pos, kcache)  # [R, T, V]
+            targets, _ = _pad([c[1:] for c in conts], [0] * len(conts), dev)
+            lp, greedy = _token_logprobs(logits, targets)  # [R, T]
+            for row, ((i, j), c) in enumerate(zip(chunk, conts)):
+                m = len(c) - 1
+                results[i][j][0] += float(lp[row, :m].sum())
+                results[i][j][1] = results[i][j][1] and bool(greedy[row, :m].all())
+        return [[(float(a), bool(b)) for a, b in res] for res in results]
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   stop: Sequence[str] = (), temperature: float = 0.0, seed: int | None = 0,
+                   batch_size: int = 8, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Generate for every prompt (token ids) in batches, with stop strings; returns the texts."""
+    out: list[str] = []
+    # Similar lengths together: less padding; results go back in the original order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts: dict[int, str] = {}
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                               seed=None if seed is None else seed + s, stop=tuple(stop))
+        for i, c in zip(chunk, generate(model, tokenizer, [list(prompts[i]) for i in chunk], gen)):
+            texts[i] = c.text
+        if progress:
+            progress(len(chunk))
+    out = [texts[i] for i in range(len(prompts))]
+    return out

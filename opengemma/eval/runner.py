@@ -1,0 +1,150 @@
+"""Runs one task of the benchmark suite on a loaded model and aggregates its metrics (report section
+"Evaluation", Table 6).
+
+Multiple-choice tasks become :class:`~opengemma.eval.engine.LoglikRequest` lists (the few-shot
+block is the shared prefix, computed once), generation tasks become batched greedy generations
+(or k samples for maj@k / pass@k) scored by the task's own ``score``. The result is a plain dict:
+metrics with standard errors, n, shots and the exact protocol and prompt format.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import ModuleType
+
+from ..errors import OpenGemmaError
+from . import metrics
+from .engine import LoglikRequest, Scorer, generate_texts
+from .tasks.base import DataSource, fixed_shots
+
+FEWSHOT_DELIMITER = "\n\n"
+
+
+def select_shots(task: ModuleType, doc: dict, pool: list[dict], k: int) -> list[dict]:
+    if k <= 0:
+        return []
+    picker = getattr(task, "shots_for", None)
+    shots = picker(doc, pool, k) if picker else fixed_shots(doc, pool, k)
+    if len(shots) < k and not getattr(task, "INLINE_SHOTS", False):
+        raise OpenGemmaError(f"{task.NAME}: only {len(shots)} few-shot examples available, {k} asked for")
+    return shots
+
+
+def fewshot_prefix(task: ModuleType, doc: dict, pool: list[dict], k: int) -> str:
+    """Description + solved examples, each followed by the few-shot delimiter."""
+    desc = task.description(doc) if hasattr(task, "description") else ""
+    delim = getattr(task, "FEWSHOT_DELIMITER", FEWSHOT_DELIMITER)
+    return desc + "".join(task.shot_text(s) + delim for s in select_shots(task, doc, pool, k))
+
+
+def build_mc_requests(task: ModuleType, docs: list[dict], pool: list[dict], k: int, tokenizer):
+    """(requests, items): the token-level requests and the task's MCItems, one per doc."""
+    prefix_ids: dict[str, tuple[int, ...]] = {}
+    enc: dict[str, tuple[int, ...]] = {}
+
+    def encode(text: str) -> tuple[int, ...]:
+        if text not in enc:
+            enc[text] = tuple(tokenizer.encode_plain(text))
+        return enc[text]
+
+    requests, items = [], []
+    for doc in docs:
+        text = fewshot_prefix(task, doc, pool, k)
+        if text not in prefix_ids:
+            prefix_ids[text] = (tokenizer.bos_id,) + tuple(tokenizer.encode_plain(text))
+        item = task.to_mc(doc)
+        items.append(item)
+        requests.append(LoglikRequest.make(prefix_ids[text], [(encode(c), encode(t)) for c, t in item.pairs]))
+    return requests, items
+
+
+def score_mc(items, results) -> dict:
+    """acc / acc_norm per item from the engine's log-likelihoods -> aggregated metrics."""
+    acc, acc_norm = [], []
+    for item, res in zip(items, results):
+        lls = [ll for ll, _ in res]
+        p, pn = metrics.mc_predictions(lls, item.choices)
+        acc.append(float(p == item.gold))
+        acc_norm.append(float(pn == item.gold))
+    out = {}
+    for name, vals in (("acc", acc), ("acc_norm", acc_norm)):
+        m, se = metrics.mean_stderr(vals)
+        out[name], out[name + "_stderr"] = m, se
+    return out
+
+
+def run_task(gemma, task: ModuleType, source: DataSource, *, shots: int | None = None, limit: int | None = None,
+             start: int = 0, batch_size: int = 16, samples: int = 1, temperature: float = 0.0, seed: int = 0,
+             chat: bool = False, progress_factory: Callable | None = None) -> dict:
+    """Evaluate ``task`` with ``gemma`` (an :class:`opengemma.Gemma`) on docs[start:start+limit];
+    returns the result dict."""
+    docs, pool, _ = task.load(source)
+    docs = docs[start:start + limit] if limit else docs[start:]
+    if not docs:
+        raise OpenGemmaError(f"{task.NAME}: no records")
+    k = task.SHOTS if shots is None else shots
+    bar = progress_factory(len(docs), task.NAME) if progress_factory else None
+    tick = bar.update if bar else None
+    t0 = time.monotonic()
+    if task.KIND == "mc":
+        requests, items = build_mc_requests(task, docs, pool, k, gemma.tokenizer)
+        results = Scorer(gemma.model, batch_size=batch_size).score(requests, tick)
+        out = score_mc(items, results)
+        example = gemma.tokenizer.decode(list(requests[0].prefix[1:]) + list(requests[0].pairs[0][0]))
+    else:
+        out, example = _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature, seed,
+                                       chat, tick)
+    if bar:
+        bar.close()
+    main = getattr(task, "MAIN", "acc")
+    return {"task": task.NAME, "n": len(docs), "shots": k, "metrics": out, "main_metric": main,
+            "value": out.get(main), "stderr": out.get(main + "_stderr"), "protocol": task.PROTOCOL,
+            "prompt_example": example, "samples": samples, "chat": chat,
+            "wall_s": round(time.monotonic() - t0, 2)}
+
+
+def _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature, seed, chat, tick):
+    tok = gemma.tokenizer
+    prompts = []
+    for doc in docs:
+        text = task.prompt(doc, select_shots(task, doc, pool, k))
+        if chat:
+            from ..chat import format_chat
+
+            ids = format_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True).ids
+        else:
+            ids = [tok.bos_id] + tok.encode_plain(text)
+        prompts.append(ids)
+    temp = temperature if samples == 1 else (temperature or 0.2)
+    rep = [p for p in prompts for _ in range(samples)]
+    counter = {"n": 0}
+
+    def sub_tick(n):  # the bar counts documents, generation counts samples
+        counter["n"] += n
+        if tick and counter["n"] >= samples:
+            tick(counter["n"] // samples)
+            counter["n"] %= samples
+
+    texts = generate_texts(gemma.model, tok, rep, max_new_tokens=task.MAX_TOKENS, stop=task.STOP,
+                           temperature=temp, seed=seed, batch_size=batch_size, progress=sub_tick)
+    per_doc = [texts[i * samples:(i + 1) * samples] for i in range(len(docs))]
+    values: dict[str, list[float]] = {}
+    for doc, outs in zip(docs, per_doc):
+        for name, v in _score_doc(task, doc, outs).items():
+            values.setdefault(name, []).append(float(v))
+    out = {}
+    for name, vals in values.items():
+        m, se = metrics.mean_stderr(vals)
+        out[name], out[name + "_stderr"] = m, se
+    return out, tok.decode(prompts[0][1:]) if not chat else tok.decode(prompts[0])
+
+
+def _score_doc(task: ModuleType, doc: dict, outs: list[str]) -> dict:
+    """One sample: the task's score. Several: its maj@k / pass@k scorer, else the mean over samples."""
+    if len(outs) == 1:
+        return task.score(doc, outs[0])
+    if hasattr(task, "score_samples"):
+        return task.score_samples(doc, outs)
+    per = [task.score(doc, o) for o in outs]
+    return {k: sum(p[k] for p in per) / len(per) for k in per[0]}

@@ -1,0 +1,120 @@
+"""Side-by-side evaluation (report Table 5): a judge compares a test model's and a baseline's
+responses to the same prompts.
+
+For each prompt both models answer (each through the chat formatter); the judge sees the pair in a
+random order with a rubric prompt, and then again with the order swapped. Both verdicts must agree
+for a win or a loss; a disagreement (position bias) or two ties is a tie. Reported: win / tie /
+loss, the win rate with ties split evenly, and its 95% confidence interval
+(:func:`opengemma.eval.metrics.win_rate`), as Table 5 lays them out.
+
+The judge is any callable ``prompt -> text``: an opengemma model (:class:`ModelJudge`) or any
+OpenAI-compatible chat endpoint (:class:`EndpointJudge`, standard library HTTP only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import urllib.request
+from collections.abc import Callable, Sequence
+
+from ..errors import OpenGemmaError
+from . import metrics
+
+RUBRIC = """You are an impartial judge. Compare two responses to the user's request below.
+Judge helpfulness, correctness, harmlessness and clarity; ignore length and the order of the responses.
+
+[User request]
+{prompt}
+
+[Response A]
+{a}
+
+[Response B]
+{b}
+
+Which response is better? Answer with exactly one of: "A", "B" or "tie"."""
+
+_VERDICT = re.compile(r"\b(tie|A|B)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> str:
+    """'A', 'B' or 'tie' from the judge's reply (the first verdict word; unparseable -> 'tie')."""
+    m = _VERDICT.search(text.strip())
+    if not m:
+        return "tie"
+    v = m.group(1)
+    return "tie" if v.lower() == "tie" else v.upper()
+
+
+def combine(first: str, second: str, test_first: bool) -> str:
+    """The outcome for the test model from two verdicts: ``first`` with the test model shown as A
+    when ``test_first`` (else as B), ``second`` with the order swapped. Returns win/tie/loss."""
+    def for_test(verdict, test_is_a):
+        if verdict == "tie":
+            return "tie"
+        return "win" if (verdict == "A") == test_is_a else "loss"
+
+    a, b = for_test(first, test_first), for_test(second, not test_first)
+    return a if a == b else "tie"
+
+
+class ModelJudge:
+    """An opengemma model as the judge (greedy, through the chat formatter)."""
+
+    def __init__(self, gemma, max_new_tokens: int = 16):
+        self.gemma, self.max_new_tokens = gemma, max_new_tokens
+
+    def __call__(self, prompt: str) -> str:
+        return self.gemma.chat([{"role": "user", "content": prompt}], max_new_tokens=self.max_new_tokens)
+
+
+class EndpointJudge:
+    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint; the key from ``api_key_env``."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0):
+        self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/chat/completions")
+                                           else "/chat/completions")
+        self.model, self.key_env, self.timeout = model, api_key_env, timeout
+
+    def __call__(self, prompt: str) -> str:
+        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": 16,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(self.key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.key_env]}"
+        req = urllib.request.Request(self.url, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"]
+        except Exception as e:
+            raise OpenGemmaError(f"judge endpoint {self.url}: {type(e).__name__}: {e}") from None
+
+
+def respond(gemma, prompts: Sequence[str], max_new_tokens: int = 256) -> list[str]:
+    return [gemma.chat([{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
+
+
+def side_by_side(prompts: Sequence[str], test: Sequence[str], baseline: Sequence[str],
+                 judge: Callable[[str], str], *, seed: int = 0,
+                 progress: Callable[[int], None] | None = None) -> dict:
+    """Judge every (test, baseline) response pair twice, in a random then swapped order."""
+    rng = random.Random(seed)
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    records = []
+    for p, t, b in zip(prompts, test, baseline, strict=True):
+        test_first = rng.random() < 0.5
+        first = parse_verdict(judge(RUBRIC.format(prompt=p, a=t if test_first else b, b=b if test_first else t)))
+        second = parse_verdict(judge(RUBRIC.format(prompt=p, a=b if test_first else t, b=t if test_first else b)))
+        outcome = combine(first, second, test_first)
+        counts[outcome] += 1
+        records.append({"prompt": p, "test_first": test_first, "verdicts": [first, second], "outcome": outcome})
+        if progress:
+            progress(1)
+    out = metrics.win_rate(counts["win"], counts["tie"], counts["loss"])
+    out["records"] = records
+    out["protocol"] = ("each pair judged twice (random order, then swapped); agreeing verdicts give win/loss, "
+                       "otherwise tie; win rate = (win + tie/2) / n; 95% CI = mean +/- 1.96 stderr")
+    return out

@@ -1,0 +1,455 @@
+"""The continuous-batching engine behind ``opengemma serve``: one model, one KV cache, one thread.
+
+Part of the serving side. The cache holds ``max_batch`` rows ("slots") of ``max_context``
+positions, allocated once, so the memory budget is fixed at start-up (``max_batch`` x one
+sequence's keys and values). A bounded number of further sequences may wait for a slot; beyond
+that :meth:`Engine.submit` raises :class:`QueueFull` (the server answers 429).
+
+The engine thread loops; each iteration
+
+1. drops cancelled sequences (a client that went away frees its slot here, before the next step)
+   and admits waiting ones into free slots (lowest free slot first, so busy rows stay packed);
+2. prefills at most ``prefill_chunk`` prompt tokens, oldest admission first, one forward per run of
+   adjacent slots (other rows of the run are padding at position -1). A long prompt therefore
+   takes several iterations, and the streams in flight get one token in each of them instead of
+   freezing for the whole prompt. A prompt whose last chunk is in gets its first token from the
+   prefill logits;
+3. runs one :func:`opengemma.generate.decode_step` over slots ``0..hi`` (``hi`` = highest busy
+   slot + 1; idle rows at position -1) and samples one token per decoding sequence.
+
+Sampling is per sequence with its own ``torch.Generator`` (seeded from the request), so a
+sequence's tokens never depend on what else is in the batch. Bookkeeping (stop tokens, stop
+strings with holdback, incremental detokenisation, budgets) is :class:`opengemma.generate.RowState`.
+Results leave the thread as :class:`Event` batches through ``deliver`` (the server passes them to
+its event loop with ``call_soon_threadsafe``); torch releases the GIL inside its kernels, so the
+HTTP side stays responsive while the model runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import CACHE_ROUND, RowState, decode_step, make_generator
+from ..sampling import sample_next_token
+from .metrics import Metrics
+
+log = logging.getLogger("opengemma.serve")
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is full: try again later (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The engine no longer admits requests (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated. ``temperature`` 0 is greedy; ``top_k`` None/0 and ``top_p``
+    None/1 are off; ``logprobs`` None reports none, k >= 0 the chosen token's plus the top k."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a sampled token under the model (raw logits, before temperature and
+    filters) and the ``top`` most likely alternatives as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What one iteration produced for one sequence. ``text`` is the newly released text (may be
+    empty: held back for a stop string, or an unfinished UTF-8 character). ``finish_reason`` is set
+    on the last event: "stop", "length", "abort" (cancelled by the server, e.g. at shutdown, with
+    ``error``) or "error" (the engine failed, with ``error``)."""
+
+    text: str = ""
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Seq:
+    """One sequence to generate (one choice of one request): its prompt, parameters, bookkeeping
+    and where its events go. ``sink(event)`` is called wherever ``deliver`` dispatches."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None], *,
+                 tokenizer, stop_ids: frozenset[int], device: torch.device | str = "cpu"):
+        self.id = next(self._ids)
+        self.params = params
+        self.sink = sink
+        self.row = RowState(prompt_ids, params.max_tokens, stop_ids, tokenizer, params.stop)
+        # A generator per sequence: its draws are its own whatever the batch around it.
+        self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.last_token = 0  # the token to feed at the next decode step
+        self.cancelled = False  # set from any thread; the engine acts on it between steps
+        self.arrival = time.monotonic()
+        self.last_time: float | None = None
+        self.order = 0  # admission order: prefill serves the oldest first
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.row.prompt_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.row.prompt_tokens and not self.row.finished
+
+
+def row_view(cache, lo: int, hi: int, length: int | None = None):
+    """Rows ``lo..hi-1`` of a :class:`opengemma.model.KVCache`, and only the first ``length``
+    positions of its global layers, as a KVCache of their own.
+
+    Every tensor is a view, so the model's in-place writes land in the shared cache; a forward
+    then costs what its rows and their lengths need, whatever ``max_batch`` and ``max_context``
+    are (attention over a 4096-slot cache is most of a decode step at batch 64 otherwise).
+
+    With ``length`` L < max_len, slot L of the global layers becomes the view's "trash" slot
+    (padding writes there, its position forced to -1), and keys at positions >= L are out of
+    sight. That is exact when L is above every position that a row of the view has written and
+    will still need, and above every query position of the forward: global slots are positions,
+    so what lies beyond L is stale (a previous tenant's) or in the future of every query, which
+    the causal mask hides anyway. The engine picks L so. Sliding-window rings are not trimmed.
+    """
+    length = cache.max_len if length is None else min(length, cache.max_len)
+    if lo == 0 and hi == cache.batch_size and length == cache.max_len:
+        return cache
+    known = {"k", "v", "pos_global", "pos_local"}
+    for name, value in vars(cache).items():  # fail loudly if the cache grew per-row state we'd miss
+        if name not in known and (isinstance(value, torch.Tensor) or
+                                  (isinstance(value, list) and value and isinstance(value[0], torch.Tensor))):
+            raise RuntimeError(f"KVCache.{name} is not known to the serving engine's row view")
+    local = [cache.config.is_local(i) for i in range(len(cache.k))]
+    view = copy.copy(cache)
+    view.k = [t[lo:hi] if loc else t[lo:hi, :, :length + 1] for t, loc in zip(cache.k, local)]  # [b, KV, slots, D]
+    view.v = [t[lo:hi] if loc else t[lo:hi, :, :length + 1] for t, loc in zip(cache.v, local)]
+    view.pos_global = cache.pos_global[lo:hi, :length + 1]  # [b, length + 1]
+    view.pos_local = cache.pos_local[lo:hi]  # [b, ring + 1]
+    view.batch_size = hi - lo
+    view.max_len = length
+    return view
+
+
+def _runs(items: list, key: Callable[[object], int]) -> list[list]:
+    """Split ``items`` (sorted by ``key``) into runs of consecutive keys."""
+    runs: list[list] = []
+    for item in items:
+        if runs and key(item) == key(runs[-1][-1]) + 1:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+class Engine:
+    """Continuous batching over one model. Thread-safe entry points: :meth:`submit`,
+    :meth:`cancel`, :meth:`drain`, :meth:`abort_all`, :meth:`stop` and the read-only counters."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_context: int = 4096, max_queue: int = 64,
+                 prefill_chunk: int = 256, metrics: Metrics | None = None,
+                 deliver: Callable[[list[tuple[Seq, Event]]], None] | None = None):
+        if max_batch < 1 or max_context < 2 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch >= 1, max_context >= 2, max_queue >= 0 and prefill_chunk >= 1 are needed")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_context = max_context
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics or Metrics()
+        self.deliver = deliver or self._deliver_here
+        self.device = model.final_norm.weight.device
+        ids = getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id, tokenizer.end_of_turn_id)
+        self.stop_ids = frozenset(i for i in ids if i is not None and i >= 0)
+        pad = getattr(tokenizer, "pad_id", -1)
+        self.pad_id = pad if isinstance(pad, int) and pad >= 0 else 0  # never seen: padding is position -1
+        with torch.inference_mode():  # the cache is only ever touched by the engine thread, in this mode
+            self.cache = model.make_cache(max_batch, max_context)
+        self._cond = threading.Condition()
+        self._incoming: deque[Seq] = deque()  # submitted, not yet seen by the engine thread
+        self._live = 0  # submitted and not yet retired (under _cond): the capacity check
+        self._draining = False
+        self._stopping = False
+        self._abort: str | None = None
+        self._waiting: deque[Seq] = deque()  # engine thread only
+        self._slots: list[Seq | None] = [None] * max_batch  # engine thread only
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.prefill_forwards = 0
+
+    # -- thread-safe API ---------------------------------------------------------------------------
+    def new_seq(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> Seq:
+        return Seq(prompt_ids, params, sink, tokenizer=self.tokenizer, stop_ids=self.stop_ids, device=self.device)
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="opengemma-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, seqs: Sequence[Seq]) -> None:
+        """Queue ``seqs`` (all or none). Raises :class:`QueueFull` or :class:`ShuttingDown`."""
+        for s in seqs:
+            if s.prompt_tokens + s.row.max_new_tokens > self.max_context:
+                raise ValueError(f"sequence needs {s.prompt_tokens + s.row.max_new_tokens} positions, "
+                                 f"the engine holds {self.max_context}")
+        with self._cond:
+            if self._draining or self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if self._live + len(seqs) > self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.max_batch} sequences are running and {self.max_queue} waiting")
+            now = time.monotonic()
+            for s in seqs:
+                s.arrival = now
+            self._incoming.extend(seqs)
+            self._live += len(seqs)
+            self._cond.notify()
+
+    def cancel(self, seq: Seq) -> None:
+        """Forget ``seq`` (its client went away): its slot is freed before the next step; no more events."""
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """Stop admitting new requests; those already submitted run to completion."""
+        with self._cond:
+            self._draining = True
+
+    def abort_all(self, message: str) -> None:
+        """End every submitted sequence now with finish_reason "abort" and ``message``."""
+        with self._cond:
+            self._abort = message
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Abort what is left and end the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def live(self) -> int:
+        """Sequences submitted and not finished (running + waiting)."""
+        return self._live
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._incoming) + len(self._waiting)
+
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes()
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._incoming or self._abort or self._waiting
+                           or any(s is not None for s in self._slots)):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                abort, self._abort = self._abort, None
+            if abort is not None:
+                self._abort_everything("abort", abort)
+                continue
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as e:  # a failed step must not take the server down: fail its sequences
+                log.exception("engine step failed")
+                self._abort_everything("error", f"internal error in the model step: {type(e).__name__}: {e}")
+                with torch.inference_mode():
+                    self.cache.reset()
+        with self._cond:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._abort_everything("abort", "the server is shutting down")
+
+    def _iteration(self) -> None:
+        self._reap_and_admit()
+        out: list[tuple[Seq, Event]] = []
+        self._prefill(out)
+        self._flush(out)  # first tokens leave before the decode step: earlier time to first token
+        self._decode(out)
+        self._flush(out)
+
+    def _flush(self, out: list[tuple[Seq, Event]]) -> None:
+        if out:
+            self.deliver(list(out))
+            out.clear()
+
+    @staticmethod
+    def _deliver_here(batch: list[tuple[Seq, Event]]) -> None:
+        for seq, event in batch:
+            seq.sink(event)
+
+    def _retire(self, seq: Seq, reason: str) -> None:
+        if seq.slot is not None:
+            self._slots[seq.slot] = None
+            seq.slot = None
+        with self._cond:
+            self._live -= 1
+        self.metrics.sequence_done(reason, seq.prompt_tokens, time.monotonic() - seq.arrival)
+
+    def _abort_everything(self, reason: str, message: str) -> None:
+        out = []
+        for seq in list(self._waiting) + [s for s in self._slots if s is not None]:
+            if not seq.cancelled:
+                out.append((seq, Event(finish_reason=reason, error=message, prompt_tokens=seq.prompt_tokens,
+                                       completion_tokens=seq.row.completion_tokens)))
+            self._retire(seq, reason)
+        self._waiting.clear()
+        self._flush(out)
+
+    def _reap_and_admit(self) -> None:
+        for seq in self._slots:
+            if seq is not None and seq.cancelled:
+                self._retire(seq, "cancelled")
+        if any(s.cancelled for s in self._waiting):
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._retire(seq, "cancelled")
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        free = [i for i, s in enumerate(self._slots) if s is None]  # ascending: keep busy rows packed low
+        for slot in free:
+            if not self._waiting:
+                break
+            seq = self._waiting.popleft()
+            seq.slot, seq.prefilled, seq.order = slot, 0, next(self._order)
+            self._slots[slot] = seq
+
+    def _prefill(self, out: list[tuple[Seq, Event]]) -> None:
+        todo = sorted((s for s in self._slots if s is not None and s.prefilled < s.prompt_tokens),
+                      key=lambda s: s.order)
+        budget, work = self.prefill_chunk, []
+        for seq in todo:
+            if budget <= 0:
+                break
+            n = min(seq.prompt_tokens - seq.prefilled, budget)
+            work.append((seq, seq.prefilled, seq.prefilled + n))
+            budget -= n
+        work.sort(key=lambda w: w[0].slot)
+        for run in _runs(work, key=lambda w: w[0].slot):
+            lo, hi = run[0][0].slot, run[-1][0].slot + 1
+            fresh = [seq.slot for seq, start, _ in run if start == 0]
+            if fresh:
+                self.cache.reset(fresh)  # forget the slot's previous tenant (its ring holds old positions)
+            view = row_view(self.cache, lo, hi, self._length(max(end for _, _, end in run)))
+            T = max(end - start for _, start, end in run)
+            tokens = torch.full((hi - lo, T), self.pad_id, dtype=torch.long)  # [b, T], built on the host
+            pos = torch.full((hi - lo, T), -1, dtype=torch.long)  # [b, T]; -1: padding, never written
+            at = torch.zeros(hi - lo, dtype=torch.long)  # [b], each row's last chunk position
+            for seq, start, end in run:
+                r = seq.slot - lo
+                tokens[r, :end - start] = torch.tensor(seq.row.prompt_ids[start:end], dtype=torch.long)
+                pos[r, :end - start] = torch.arange(start, end)
+                at[r] = end - start - 1
+            dev = self.device
+            logits = self.model(tokens.to(dev), pos.to(dev), view, logits_at=at.to(dev))[:, 0]  # [b, V]
+            self.prefill_forwards += 1
+            self.metrics.prefilled(sum(end - start for _, start, end in run))
+            ready = []
+            for seq, start, end in run:
+                seq.prefilled = end
+                if end == seq.prompt_tokens:
+                    ready.append((seq, seq.slot - lo))
+            if ready:
+                self._emit(logits, ready, out)
+                self.metrics.first_tokens(len(ready))
+
+    def _decode(self, out: list[tuple[Seq, Event]]) -> None:
+        live = [s for s in self._slots if s is not None and s.decoding]
+        if not live:
+            return
+        hi = max(s.slot for s in live) + 1
+        tokens = torch.full((hi, 1), self.pad_id, dtype=torch.long)  # [hi, 1]
+        pos = torch.full((hi, 1), -1, dtype=torch.long)  # [hi, 1]; idle and prefilling rows: -1
+        for s in live:
+            tokens[s.slot, 0] = s.last_token
+            pos[s.slot, 0] = s.row.position
+        dev = self.device
+        # Every row in 0..hi holds positions below its own `prefilled` / next position: the view's length.
+        need = max(s.prefilled if s.prefilled < s.prompt_tokens else s.row.position + 1
+                   for s in self._slots[:hi] if s is not None)
+        view = row_view(self.cache, 0, hi, self._length(need))
+        logits = decode_step(self.model, tokens.to(dev), pos.to(dev), view)  # [hi, V]
+        self.steps += 1
+        self._emit(logits, [(s, s.slot) for s in live], out)
+        self.metrics.step(len(live), len(live))
+
+    def _length(self, need: int) -> int:
+        """Positions a forward must see: ``need`` rounded up to CACHE_ROUND (fewer distinct shapes)."""
+        return min(self.max_context, -(-need // CACHE_ROUND) * CACHE_ROUND)
+
+    def _emit(self, logits: torch.Tensor, rows: list[tuple[Seq, int]], out: list[tuple[Seq, Event]]) -> None:
+        """Sample one token for each (sequence, row of ``logits`` [b, V]) and record the events."""
+        greedy = logits.argmax(dim=-1).tolist()  # [b]: the one host sync for greedy rows
+        now = time.monotonic()
+        ttft, itl = [], []
+        for seq, r in rows:
+            p = seq.params
+            if p.temperature > 0:
+                token = int(sample_next_token(logits[r:r + 1], seq.generator, p.temperature, p.top_k, p.top_p)[0])
+            else:
+                token = greedy[r]
+            lp = None
+            if p.logprobs is not None and token not in self.stop_ids:
+                lp = _logprob(logits[r], token, p.logprobs)
+            (ttft if seq.last_time is None else itl).append(now - (seq.last_time or seq.arrival))
+            seq.last_time = now
+            seq.last_token = token
+            text = seq.row.push(token)
+            ev = Event(text=text, token=token, logprob=lp)
+            if seq.row.finished:
+                ev.finish_reason = seq.row.finish_reason
+                ev.prompt_tokens, ev.completion_tokens = seq.prompt_tokens, seq.row.completion_tokens
+                self._retire(seq, ev.finish_reason)
+            if not seq.cancelled:
+                out.append((seq, ev))
+        self.metrics.latencies(ttft, itl)
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-softmax of one row of raw logits [V]: the chosen token's value and the ``top`` best."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)  # [V]
+    best = []
+    if top > 0:
+        values, ids = lsm.topk(top)  # [top] each
+        best = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(lsm[token]), best)

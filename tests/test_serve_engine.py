@@ -1,0 +1,284 @@
+"""Tests of the serving engine (opengemma.serve.engine) without HTTP: continuous batching must
+give every sequence exactly what it gets alone, while admitting, chunk-prefilling, cancelling
+and retiring sequences around it.
+
+Two models: the tiny Gemma 3 preset in float64 (sliding window 8, so chunked prefill and decoding
+run past the window; float64 keeps argmax ties out of the comparison) compared token by token
+with ``generate_tokens`` alone; and the embedded real model compared text by text with
+``Gemma.generate`` alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from opengemma.generate import GenerationConfig, generate_tokens
+from opengemma.serve.engine import (
+    Engine,
+    QueueFull,
+    SamplingParams,
+    ShuttingDown,
+    row_view,
+)
+from opengemma.serve.metrics import Metrics
+
+
+class Collector:
+    """A sequence's sink: records its events; ``done`` is set by the final one."""
+
+    def __init__(self):
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token for e in self.events if e.token is not None]
+
+    @property
+    def finish(self):
+        return self.events[-1].finish_reason if self.done.is_set() else None
+
+
+def submit(engine, prompt_ids, **params) -> Collector:
+    c = Collector()
+    engine.submit([engine.new_seq(prompt_ids, SamplingParams(**{"temperature": 0.0, **params}), c)])
+    return c
+
+
+def wait_all(collectors, timeout=180.0):
+    end = time.monotonic() + timeout
+    for c in collectors:
+        assert c.done.wait(max(0.0, end - time.monotonic())), "sequence did not finish in time"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import opengemma
+
+    return opengemma.load("tiny-gemma3", dtype=torch.float64, device="cpu", seed=3)
+
+
+@pytest.fixture
+def engine_factory():
+    engines = []
+
+    def make(g, **kw):
+        e = Engine(g.model, g.tokenizer, **kw).start()
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+def test_tiny_continuous_batching_equals_alone(tiny, engine_factory):
+    # 7 sequences through 3 slots, prompts up to 5x the sliding window, prefilled 5 tokens per step:
+    # slots are reused (after longer tenants), prefill runs over runs of rows and mixes with decode
+    # steps, and forwards see 64 or 128 of the 160 positions.
+    eng = engine_factory(tiny, max_batch=3, max_context=160, prefill_chunk=5)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [[2] + torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 4, 9, 17, 40, 6, 23)]
+    budgets = [12, 30, 5, 20, 9, 1, 16]
+    got = [submit(eng, p, max_tokens=m) for p, m in zip(prompts, budgets)]
+    wait_all(got)
+    for p, m, c in zip(prompts, budgets, got):
+        alone = [step[0] for step in generate_tokens(tiny.model, [p], GenerationConfig(max_new_tokens=m))]
+        assert c.tokens == alone
+        assert c.finish == "length" and c.events[-1].completion_tokens == m
+    assert eng.live == 0 and eng.running == 0
+
+
+def test_slot_reuse_forgets_the_previous_tenant(tiny, engine_factory):
+    # A long sequence leaves positions up to ~160 in slot 0; the next tenant is short at admission
+    # (views of 64 positions) and grows past 64: stale positions must not reappear.
+    eng = engine_factory(tiny, max_batch=1, max_context=256)
+    gen = torch.Generator().manual_seed(1)
+    first = [2] + torch.randint(3, 500, (99,), generator=gen).tolist()
+    second = [2, 17, 33, 5, 91]
+    a = submit(eng, first, max_tokens=60)
+    b = submit(eng, second, max_tokens=90)
+    wait_all([a, b])
+    alone = [step[0] for step in generate_tokens(tiny.model, [second], GenerationConfig(max_new_tokens=90))]
+    assert b.tokens == alone
+
+
+def test_row_view_writes_into_the_shared_cache(tiny):
+    cache = tiny.model.make_cache(4, 32)
+    view = row_view(cache, 1, 3)
+    assert view.batch_size == 2 and view.k[0].shape[0] == 2
+    tokens = torch.tensor([[5, 6], [7, 8]])  # [2, 2]
+    pos = torch.tensor([[0, 1], [0, -1]])  # [2, 2]
+    with torch.inference_mode():
+        tiny.model(tokens, pos, view)
+    assert cache.pos_global[1, :2].tolist() == [0, 1] and cache.pos_global[2, :2].tolist() == [0, -1]
+    assert (cache.pos_global[0] == -1).all() and (cache.pos_global[3] == -1).all()
+    assert cache.k[0][1].abs().sum() > 0 and cache.k[0][0].abs().sum() == 0
+    assert row_view(cache, 0, 4) is cache
+    short = row_view(cache, 0, 4, length=8)  # global layers: 8 positions + the trash slot
+    assert short.max_len == 8 and short.pos_global.shape == (4, 9)
+    glob = next(i for i in range(len(cache.k)) if not tiny.config.is_local(i))
+    assert short.k[glob].shape[2] == 9 and short.k[glob].data_ptr() == cache.k[glob].data_ptr()
+    with torch.inference_mode():
+        tiny.model(torch.tensor([[9]] * 4), torch.tensor([[2], [-1], [-1], [-1]]), short)
+    assert cache.pos_global[0, :3].tolist() == [-1, -1, 2] and cache.pos_global[0, 8] == -1
+
+
+def test_engine_failure_fails_its_sequences_and_keeps_serving(tiny, engine_factory):
+    eng = engine_factory(tiny, max_batch=2, max_context=64)
+    real_forward = tiny.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device failure")
+        return real_forward(*args, **kwargs)
+
+    tiny.model.forward = flaky
+    try:
+        first = submit(eng, [2, 10, 11], max_tokens=10)
+        wait_all([first])
+        assert first.finish == "error" and "simulated device failure" in first.events[-1].error
+        second = submit(eng, [2, 10, 11], max_tokens=4)
+        wait_all([second])
+        assert second.finish == "length" and len(second.tokens) == 4
+    finally:
+        del tiny.model.forward
+
+
+def test_queue_bound_drain_and_abort(tiny, engine_factory):
+    eng = engine_factory(tiny, max_batch=1, max_context=200, max_queue=1)
+    a = submit(eng, [2, 3, 4], max_tokens=150)
+    b = submit(eng, [2, 3, 4], max_tokens=150)
+    with pytest.raises(QueueFull):
+        submit(eng, [2, 3, 4], max_tokens=2)
+    eng.drain()
+    with pytest.raises(ShuttingDown):
+        submit(eng, [2, 3, 4], max_tokens=2)
+    eng.abort_all("going away")
+    wait_all([a, b])
+    assert a.finish == b.finish == "abort" and b.events[-1].error == "going away"
+    assert eng.live == 0
+
+
+def test_cancel_frees_the_slot_at_once(tiny, engine_factory):
+    eng = engine_factory(tiny, max_batch=1, max_context=256, max_queue=4)
+    long = submit(eng, [2, 3, 4], max_tokens=250)
+    while len(long.events) < 3:
+        time.sleep(0.005)
+    waiting = submit(eng, [2, 5, 6], max_tokens=3)  # no free slot: waits behind the long one
+    eng.cancel(next(s for s in eng._slots if s is not None))
+    wait_all([waiting])
+    assert waiting.finish == "length"
+    assert not long.done.is_set() and len(long.events) < 250  # no more events after cancel
+    assert eng.live == 0 and eng.running == 0
+
+
+def test_real_model_concurrent_greedy_equals_alone(real_gemma, engine_factory):
+    g = real_gemma
+    metrics = Metrics()
+    eng = engine_factory(g, max_batch=4, max_context=512, prefill_chunk=32, metrics=metrics)
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
+               "In 1969, the first humans", "Water boils at", "My favourite recipe for pancakes"]
+    budgets = [8, 12, 10, 6, 12, 5, 9]
+    got = [submit(eng, g.tokenizer.encode(p), max_tokens=m) for p, m in zip(prompts, budgets)]
+    wait_all(got)
+    for p, m, c in zip(prompts, budgets, got):
+        assert c.text == g.generate(p, max_new_tokens=m), p
+    text = metrics.render()
+    assert "opengemma_time_to_first_token_seconds_count 7" in text
+    assert f"opengemma_generation_tokens_total {sum(budgets)}" in text
+
+
+def test_real_model_sampling_stops_and_logprobs(real_gemma, engine_factory):
+    g = real_gemma
+    eng = engine_factory(g, max_batch=4, max_context=512)
+    prompt = "Once upon a time"
+    ids = g.tokenizer.encode(prompt)
+    noise = submit(eng, g.tokenizer.encode("Noise in the same batch:"), max_tokens=40, temperature=1.0, seed=1)
+    sampled = submit(eng, ids, max_tokens=20, temperature=0.8, top_k=40, top_p=0.95, seed=7)
+    stopped = submit(eng, ids, max_tokens=40, stop=(" girl",))
+    lp = submit(eng, ids, max_tokens=5, logprobs=3)
+    wait_all([noise, sampled, stopped, lp])
+    # A seeded sequence draws from its own generator: the same as alone, whatever runs beside it.
+    assert sampled.text == g.generate(prompt, max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.95, seed=7)
+    assert stopped.text == g.generate(prompt, max_new_tokens=40, stop=[" girl"]) and stopped.finish == "stop"
+    assert " girl" not in stopped.text
+    for e in lp.events:
+        assert e.logprob.token == e.token and e.logprob.logprob <= 0
+        assert e.logprob.top[0][0] == e.token  # greedy: the best token is the chosen one
+        assert e.logprob.top[0][1] >= e.logprob.top[1][1] >= e.logprob.top[2][1]
+
+
+def test_long_prompt_prefill_does_not_freeze_streams(real_gemma, engine_factory):
+    g = real_gemma
+    eng = engine_factory(g, max_batch=2, max_context=1024, prefill_chunk=32)
+    stream = submit(eng, g.tokenizer.encode("Count with me: one, two, three,"), max_tokens=30)
+    while len(stream.events) < 2:
+        time.sleep(0.005)
+    long_prompt = "The history of the lighthouse is the history of coastal trade. " * 24
+    long_ids = g.tokenizer.encode(long_prompt)
+    assert len(long_ids) > 8 * 32
+    before = len(stream.events)
+    long = submit(eng, long_ids, max_tokens=4)
+    while not long.events and not stream.done.is_set():
+        time.sleep(0.001)
+    # The long prompt took >= 8 prefill chunks; the stream got a token after (nearly) each one.
+    assert len(stream.events) - before >= 7 or stream.done.is_set()
+    wait_all([stream, long])
+    assert long.text == g.generate(long_prompt, max_new_tokens=4)
+    assert stream.text == g.generate("Count with me: one, two, three,", max_new_tokens=30)
+
+
+def test_end_of_turn_ends_a_reply(tiny, engine_factory):
+    # The tiny model is scripted to emit <end_of_turn> once a row reaches position 6: the reply
+    # stops there ("stop"), the token counts, and its text never shows up.
+    eot = tiny.tokenizer.end_of_turn_id
+    real_forward = tiny.model.forward
+
+    def scripted(tokens, input_pos=None, cache=None, logits_at=None):
+        out = real_forward(tokens, input_pos, cache, logits_at=logits_at)  # [B, 1, V]
+        last = input_pos.max(dim=1).values  # [B]
+        out[:, -1, eot] = torch.where(last >= 6, torch.tensor(1e9, dtype=out.dtype), out[:, -1, eot])
+        return out
+
+    eng = engine_factory(tiny, max_batch=2, max_context=64)
+    tiny.model.forward = scripted
+    try:
+        c = submit(eng, [2, 10, 11, 12], max_tokens=50)
+        wait_all([c])
+    finally:
+        del tiny.model.forward
+    assert c.finish == "stop" and c.tokens[-1] == eot and len(c.tokens) == 4
+    assert c.events[-1].completion_tokens == 4 and "<end_of_turn>" not in c.text
+
+
+def test_quantized_model_is_served_like_alone(engine_factory):
+    import inspect
+
+    import opengemma
+    from opengemma.api import load
+
+    if "quantize" not in inspect.signature(load).parameters:
+        pytest.skip("this opengemma has no quantization")
+    g = opengemma.load("tiny-gemma3", dtype=torch.float32, device="cpu", seed=5, quantize="int8")
+    eng = engine_factory(g, max_batch=2, max_context=64, prefill_chunk=4)
+    prompts = [[2, 40, 41, 42, 43, 44, 45], [2, 7], [2, 300, 301]]
+    got = [submit(eng, p, max_tokens=6) for p in prompts]
+    wait_all(got)
+    for p, c in zip(prompts, got):
+        assert c.tokens == [s[0] for s in generate_tokens(g.model, [p], GenerationConfig(max_new_tokens=6))]

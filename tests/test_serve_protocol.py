@@ -1,0 +1,106 @@
+"""Tests of the server's request validation and response shapes (opengemma.serve.protocol) and of
+its Prometheus text (opengemma.serve.metrics): no model, no HTTP, only the real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from opengemma.chat import format_chat
+from opengemma.serve.cli import build_parser, model_id
+from opengemma.serve.metrics import Metrics
+from opengemma.serve.protocol import (
+    ApiError,
+    ServeInfo,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+
+
+@pytest.fixture(scope="module")
+def info(tokenizer):
+    return ServeInfo(tokenizer, 262144, 256, "gemma3-270m", frozenset({"alias"}))
+
+
+def test_completion_defaults_follow_openai(info, tokenizer):
+    req = parse_completion({"prompt": "Hello there"}, info)
+    (p,) = req.params
+    assert req.prompts == [tokenizer.encode("Hello there", bos=True)]
+    assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, p.stop, p.logprobs) == (16, 1.0, None, None,
+                                                                                            None, (), None)
+    assert not req.stream and req.model == "gemma3-270m"
+
+
+def test_completion_options(info):
+    req = parse_completion({"prompt": [[2, 5, 6], [2, 7]], "model": "alias", "n": 3, "seed": 2**64 - 1, "top_k": -1,
+                            "top_p": 0.5, "temperature": 0, "stop": "\n", "max_tokens": 8.0, "logprobs": 2,
+                            "stream": True, "stream_options": {"include_usage": True}}, info)
+    assert req.prompts == [[2, 5, 6], [2, 7]] and req.model == "gemma3-270m"
+    assert [p.seed for p in req.params] == [2**64 - 1, 0, 1]  # distinct per choice, wrapped like torch
+    p = req.params[0]
+    assert (p.max_tokens, p.top_k, p.top_p, p.temperature, p.stop, p.logprobs) == (8, None, 0.5, 0.0, ("\n",), 2)
+    assert req.stream and req.include_usage and req.logprobs
+
+
+def test_chat_uses_the_formatter_and_fills_the_context(info, tokenizer):
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    req = parse_chat({"messages": messages}, info)
+    want = format_chat(tokenizer, [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Hi there"}]).ids
+    assert req.prompts == [want]
+    assert req.params[0].max_tokens == 256 - len(want)  # chat default: the rest of the context
+    assert parse_chat({"messages": messages, "max_completion_tokens": 7}, info).params[0].max_tokens == 7
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"prompt": "x", "max_tokens": 300}, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "x", "max_tokens": 255}, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "x " * 300}, "prompt", "context_length_exceeded"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty", None),
+    ({"prompt": "x", "echo": True}, "echo", None),
+    ({"prompt": "x", "best_of": 3}, "best_of", None),
+    ({"prompt": "x", "stream_options": []}, "stream_options", None),
+    ({"prompt": ["a", 3]}, "prompt", None),
+    ({"prompt": "x", "stop": ["a"] * 17}, "stop", None),
+    ({"prompt": "x", "temperature": True}, "temperature", None),
+])
+def test_completion_rejections(info, body, param, code):
+    with pytest.raises(ApiError) as e:
+        parse_completion(body, info)
+    assert e.value.status == 400 and e.value.param == param and e.value.code == code
+
+
+def test_parse_json():
+    assert parse_json(b'{"a": 1}') == {"a": 1}
+    for raw in (b"\xff", b"", b"   ", b"[]", b'"x"', b"{", b'{"a": Infinity}', b"[" * 100000):
+        with pytest.raises(ApiError) as e:
+            parse_json(raw)
+        assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"},
+                   ServeInfo(None, 10, 10, "m"))
+    assert e.value.status == 404 and e.value.code == "model_not_found"
+
+
+def test_metrics_render_prometheus_text():
+    m = Metrics()
+    m.request("chat", 200)
+    m.step(batch_size=3, tokens=3)
+    m.latencies([0.2], [0.01, 0.02])
+    m.sequence_done("stop", prompt_tokens=5, seconds=1.5)
+    m.gauge("queue_depth", "Waiting.", lambda: 2)
+    text = m.render()
+    assert 'opengemma_requests_total{endpoint="chat",status="200"} 1' in text
+    assert 'opengemma_inter_token_latency_seconds_bucket{le="0.01"} 1' in text
+    assert 'opengemma_inter_token_latency_seconds_bucket{le="+Inf"} 2' in text
+    assert "opengemma_batch_size_sum 3" in text and "opengemma_queue_depth 2" in text
+    assert "# TYPE opengemma_time_to_first_token_seconds histogram" in text
+
+
+def test_cli_defaults_are_safe():
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.max_batch, args.quantize) == ("127.0.0.1", 8000, 16, "none")
+    assert model_id("gemma3-270m (embedded, Q4_K_M GGUF)") == "gemma3-270m" and model_id("x.gguf") == "x"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-batch", "0"])
