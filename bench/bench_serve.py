@@ -245,6 +245,32 @@ def table(levels: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def markdown(name: str, report: dict) -> str:
+    """The recorded results as Markdown (date, machine, load, settings, table, verdict)."""
+    m, a = report["machine"], report["settings"]
+    md = [f"# {name}: opengemma serve under load", "",
+          f"- date: {report['date']}",
+          (f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['platform']}; torch {m['torch']} "
+           f"({m['torch_threads_default']} threads), Python {m['python']}"),
+          (f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in report['loadavg_start'])}; "
+           f"at end: {', '.join(f'{x:.2f}' for x in report['loadavg_end'])}"),
+          (f"- server: `opengemma serve` ({a['model'] or 'embedded Gemma 3 270M'}, fp32, CPU), --max-batch "
+           f"{a['max_batch']}, --max-queue {a['max_queue']}, --max-context {a['max_context']}; exit status after "
+           f"SIGTERM: {report['server_exit_status']}"),
+          (f"- clients: streaming /v1/completions, greedy, {a['max_tokens']} tokens each, "
+           f"{a['requests_per_client']} requests per client (at least {a['min_requests']}, at most "
+           f"{a['max_requests']}) per level, loopback"),
+          "", table(report["levels"]), ""]
+    if report.get("verdict"):
+        md += [f"**{report['verdict']}.**", ""]
+    md += [("Throughput: generated tokens of the level / its wall time. TTFT: request sent to first text "
+            "chunk (queueing included). ITL: gaps between consecutive text chunks of one stream. Mean decode "
+            "batch: sequences per decode step (server metrics). Other CPU: cores used by other processes "
+            "during the level (this machine is shared); above ~0.25 the figures are contended, i.e. "
+            "pessimistic."), ""]
+    return "\n".join(md)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,7 +289,12 @@ def main(argv=None) -> int:
                    help="first wait (at most SECONDS) until other processes use < 0.25 cores")
     p.add_argument("--quick", action="store_true", help="levels 1 and 4, 16 tokens: a smoke run")
     p.add_argument("--record", metavar="NAME", help="write bench/results/NAME.json and NAME.md")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the .md next to a recorded JSON, then exit")
     args = p.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(path.stem, json.loads(path.read_text())))
+        return 0
     if args.quick:
         args.levels, args.max_tokens = "1,4", 16
     levels = [int(x) for x in args.levels.split(",")]
@@ -311,26 +342,7 @@ def main(argv=None) -> int:
         res = Path(__file__).resolve().parent / "results"
         res.mkdir(exist_ok=True)
         (res / f"{args.record}.json").write_text(json.dumps(report, indent=2) + "\n")
-        m = report["machine"]
-        md = [f"# {args.record}: opengemma serve under load", "",
-              f"- date: {report['date']}",
-              (f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['platform']}; torch {m['torch']} "
-               f"({m['torch_threads_default']} threads), Python {m['python']}"),
-              (f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_start)}; at end: "
-               f"{', '.join(f'{x:.2f}' for x in report['loadavg_end'])}"),
-              (f"- server: `opengemma serve` (embedded Gemma 3 270M, fp32, CPU), --max-batch {args.max_batch}, "
-               f"--max-queue {args.max_queue}, --max-context {args.max_context}; exit status after SIGTERM: {code}"),
-              (f"- clients: streaming /v1/completions, greedy, {args.max_tokens} tokens each, "
-               f"{args.requests_per_client} requests per client (at least {args.min_requests}, at most "
-               f"{args.max_requests}) per level, loopback"),
-              "", text, ""]
-        if verdict:
-            md += [f"**{verdict}.**", ""]
-        md += [("Throughput: generated tokens of the level / its wall time. TTFT: request sent to first text "
-                "chunk (queueing included). ITL: gaps between consecutive text chunks of one stream. Other CPU: "
-                "cores used by other processes during the level (this machine is shared); above ~0.25 the "
-                "figures are contended, i.e. pessimistic."), ""]
-        (res / f"{args.record}.md").write_text("\n".join(md))
+        (res / f"{args.record}.md").write_text(markdown(args.record, report))
         print(f"wrote {res / args.record}.json and .md", file=sys.stderr)
     return 1 if errors or code != 0 else 0
 

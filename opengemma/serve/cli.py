@@ -75,10 +75,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``serve`` to an ``add_subparsers()`` object (the ``opengemma`` program's)."""
+def add_serve_parser(subparsers, **kwargs) -> argparse.ArgumentParser:
+    """Add ``serve`` to an ``add_subparsers()`` object (the ``opengemma`` program's); ``kwargs``
+    go to ``add_parser`` (e.g. ``epilog``)."""
     p = subparsers.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible API)",
-                              description=DESCRIPTION)
+                              description=DESCRIPTION, **kwargs)
     add_serve_arguments(p)
     return p
 
