@@ -260,11 +260,14 @@ def test_end_of_turn_ends_a_reply(tiny, engine_factory):
     tiny.model.forward = scripted
     try:
         c = submit(eng, [2, 10, 11, 12], max_tokens=50)
-        wait_all([c])
+        # ignore_eos (vLLM's load-test option): the same script runs on to max_tokens.
+        c_ignore = submit(eng, [2, 10, 11, 12], max_tokens=12, ignore_eos=True)
+        wait_all([c, c_ignore])
     finally:
         del tiny.model.forward
     assert c.finish == "stop" and c.tokens[-1] == eot and len(c.tokens) == 4
     assert c.events[-1].completion_tokens == 4 and "<end_of_turn>" not in c.text
+    assert c_ignore.finish == "length" and len(c_ignore.tokens) == 12 and c_ignore.tokens[3:] == [eot] * 9
 
 
 def test_quantized_model_is_served_like_alone(engine_factory):

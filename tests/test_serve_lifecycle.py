@@ -45,7 +45,7 @@ def server():
 
 CLIENT = """
 import httpx, sys
-body = {"prompt": "Tell me a long story.", "max_tokens": 900, "temperature": 0, "stream": True}
+body = {"prompt": "Tell me a long story.", "max_tokens": 900, "temperature": 0, "stream": True, "ignore_eos": True}
 with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=120) as r:
     for line in r.iter_lines():
         if line.startswith("data: "):
@@ -72,7 +72,8 @@ def test_killed_client_frees_its_slot(server):
 
 
 def test_client_giving_up_on_a_plain_request_frees_its_slot(server):
-    body = {"prompt": "Write an essay.", "max_tokens": 900}
+    # ignore_eos: the reply cannot end early, so the 2 s read timeout always comes first.
+    body = {"prompt": "Write an essay.", "max_tokens": 900, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes its connection
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=2))
     wait_for(lambda: server.metrics()["opengemma_running_sequences"] == 0, 10, "the slot to be freed")
@@ -81,7 +82,8 @@ def test_client_giving_up_on_a_plain_request_frees_its_slot(server):
 
 def test_full_queue_answers_429(server):
     # Capacity: 2 slots + 1 waiting. Three long sequences fill it; the next request is refused.
-    body = {"prompt": ["Story one:", "Story two:", "Story three:"], "max_tokens": 900, "stream": True}
+    body = {"prompt": ["Story one:", "Story two:", "Story three:"], "max_tokens": 900, "stream": True,
+            "ignore_eos": True}
     with httpx.Client(timeout=120) as c, c.stream("POST", f"{server.url}/v1/completions", json=body) as held:
         next(sse_lines(held))
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "One more", "max_tokens": 2}, timeout=30)
@@ -107,7 +109,7 @@ def test_sigterm_drains_streams_and_exits_0(real_gemma):
 
     short_started, long_started = threading.Event(), threading.Event()
     long = threading.Thread(target=stream, args=("long", {"prompt": "A long tale:", "max_tokens": 900,
-                                                           "temperature": 0, "stream": True}, long_started))
+                                                           "temperature": 0, "stream": True, "ignore_eos": True}, long_started))
     short = threading.Thread(target=stream, args=("short", {"prompt": "Once upon a time", "max_tokens": 5,
                                                              "temperature": 0, "stream": True}, short_started))
     try:

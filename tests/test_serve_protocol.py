@@ -40,6 +40,7 @@ def test_completion_options(info):
     p = req.params[0]
     assert (p.max_tokens, p.top_k, p.top_p, p.temperature, p.stop, p.logprobs) == (8, None, 0.5, 0.0, ("\n",), 2)
     assert req.stream and req.include_usage and req.logprobs
+    assert not p.ignore_eos and parse_completion({"prompt": "x", "ignore_eos": True}, info).params[0].ignore_eos
 
 
 def test_chat_uses_the_formatter_and_fills_the_context(info, tokenizer):
@@ -64,6 +65,7 @@ def test_chat_uses_the_formatter_and_fills_the_context(info, tokenizer):
     ({"prompt": ["a", 3]}, "prompt", None),
     ({"prompt": "x", "stop": ["a"] * 17}, "stop", None),
     ({"prompt": "x", "temperature": True}, "temperature", None),
+    ({"prompt": "x", "ignore_eos": 1}, "ignore_eos", None),
 ])
 def test_completion_rejections(info, body, param, code):
     with pytest.raises(ApiError) as e:

@@ -65,6 +65,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (load tests); stop strings still apply
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Seq:
         self.id = next(self._ids)
         self.params = params
         self.sink = sink
-        self.row = RowState(prompt_ids, params.max_tokens, stop_ids, tokenizer, params.stop)
+        self.row = RowState(prompt_ids, params.max_tokens, frozenset() if params.ignore_eos else stop_ids,
+                            tokenizer, params.stop)
         # A generator per sequence: its draws are its own whatever the batch around it.
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
         self.slot: int | None = None
@@ -429,7 +431,7 @@ class Engine:
             else:
                 token = greedy[r]
             lp = None
-            if p.logprobs is not None and token not in self.stop_ids:
+            if p.logprobs is not None and token not in seq.row.stop_ids:
                 lp = _logprob(logits[r], token, p.logprobs)
             (ttft if seq.last_time is None else itl).append(now - (seq.last_time or seq.arrival))
             seq.last_time = now

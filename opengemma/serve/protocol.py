@@ -202,9 +202,11 @@ def _sampling(body: dict, max_tokens: int, n: int, logprobs: int | None) -> list
         top_k = None if top_k <= 0 else top_k  # 0 and -1 both mean off (OpenAI-style servers use either)
     seed = _int(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1] - 1)
     stop = _stop(body)
+    ignore_eos = _bool(body, "ignore_eos", False)  # vLLM's extension, for load tests
     seeds = [None if seed is None else (seed + j) % SEED_RANGE[1] for j in range(n)]  # distinct per choice
     return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                           top_p=None if top_p >= 1.0 else top_p, seed=s, stop=stop, logprobs=logprobs)
+                           top_p=None if top_p >= 1.0 else top_p, seed=s, stop=stop, logprobs=logprobs,
+                           ignore_eos=ignore_eos)
             for s in seeds]
 
 
