@@ -123,25 +123,29 @@ class _Step:
     """What one forward pass does with the cache: slots to write and masks, shared by all layers."""
 
     def __init__(self, cache: KVCache, input_pos: torch.Tensor, dtype: torch.dtype):
-        cfg = cache.config
+        cfg = self.config = cache.config
         self.cache = cache
         valid = input_pos >= 0
         self.q_pos = input_pos
-        # Global layers: write first, then attend over the whole (static) cache.
+        # Attend over the leading slots that can hold a visible key only (exact: see visible_slots).
+        self.n_global = self.visible_slots(cache, input_pos, cache.max_len)
+        # Global layers: write first, then attend.
         self.global_slots = torch.where(valid, input_pos, cache.max_len)  # [B, T]
         cache.pos_global.scatter_(1, self.global_slots, input_pos)
         cache.pos_global[:, -1] = -1
-        self.global_mask = attention_mask(input_pos, cache.pos_global, None, dtype)
+        self.global_mask = attention_mask(input_pos, cache.pos_global[:, :self.n_global], None, dtype)
         if not cache.ring:
             return
         ring, window = cache.ring, cfg.sliding_window
+        self.n_local = self.visible_slots(cache, input_pos, ring)
         # One new token per row: its ring slot holds position p - ring, which is already outside
         # the window, so writing before attending is exact. Several new tokens (prefill) may
         # overwrite keys that earlier queries of the chunk still need: attend over
         # [ring; new keys] first, then keep only the last `ring` positions of each row.
         self.local_concat = input_pos.shape[1] > 1
         if self.local_concat:
-            k_pos = torch.cat([cache.pos_local, torch.where(valid, input_pos, -1)], dim=1)  # [B, R+1+T]
+            old = cache.pos_local[:, :self.n_local]
+            k_pos = torch.cat([old, torch.where(valid, input_pos, -1)], dim=1)  # [B, n_local + T]
             self.local_mask = attention_mask(input_pos, k_pos, window, dtype)
             last = input_pos.max(dim=1, keepdim=True).values  # [B, 1]
             keep = valid & (input_pos > last - ring)
@@ -151,21 +155,41 @@ class _Step:
         cache.pos_local.scatter_(1, self.local_slots, input_pos)
         cache.pos_local[:, -1] = -1
         if not self.local_concat:
-            self.local_mask = attention_mask(input_pos, cache.pos_local, window, dtype)
+            self.local_mask = attention_mask(input_pos, cache.pos_local[:, :self.n_local], window, dtype)
+
+    @staticmethod
+    def visible_slots(cache: KVCache, input_pos: torch.Tensor, n: int) -> int:
+        """How many leading slots of an ``n``-slot layer can hold a key visible to these queries.
+
+        A global slot holds the position equal to its index, a ring slot ``position % n``; keys
+        after the latest query position are masked anyway. So while every query sits before
+        position ``n - 1``, slots past ``max(input_pos)`` hold nothing any query may see and need
+        not be read (a short prompt in a long cache: most of the decode attention's bytes). The
+        count is rounded up to 64 so nearby steps share shapes. Only on the CPU, outside
+        torch.compile: there the host read of ``max(input_pos)`` is free; on accelerators it
+        would be a device sync per step, and compiled graphs want static shapes, so they read
+        every slot (masked) instead.
+        """
+        if input_pos.device.type != "cpu" or torch.compiler.is_compiling():
+            return n + 1
+        need = int(input_pos.max()) + 1
+        return n + 1 if need >= n else min(n, -(-need // 64) * 64)
 
     def update(self, layer: int, local: bool, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new keys/values [B, KV, T, D]; return what to attend over and its mask."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
         slots = self.local_slots if local else self.global_slots
+        n = self.n_local if local else self.n_global
         idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, KV, T, D]
         if local and self.local_concat:
-            keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            keys = torch.cat([ck[:, :, :n], k], dim=2)  # [B, KV, n + T, D]
+            values = torch.cat([cv[:, :, :n], v], dim=2)
             ck.scatter_(2, idx, k)
             cv.scatter_(2, idx, v)
             return keys, values, self.local_mask
         ck.scatter_(2, idx, k)
         cv.scatter_(2, idx, v)
-        return ck, cv, (self.local_mask if local else self.global_mask)
+        return ck[:, :, :n], cv[:, :, :n], (self.local_mask if local else self.global_mask)  # [B, KV, n, D]
 
 
 class Attention(nn.Module):

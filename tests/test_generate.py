@@ -186,6 +186,37 @@ def test_batched_logits_match_single_logits():
                 torch.testing.assert_close(b[i], s[0], atol=1e-4, rtol=1e-4)
 
 
+def test_attending_only_visible_slots_is_exact(monkeypatch):
+    # On the CPU a step reads only the cache slots that can hold a visible key (rounded up to 64).
+    # Teacher-force two ragged rows through a long cache (300 slots, a 100-slot ring) far enough to
+    # cross 128/192/256 and wrap the ring, and compare every step with a cache read in full.
+    from opengemma import model as model_mod
+
+    cfg = PRESETS["tiny-gemma3"].replace(sliding_window=100, context_length=512)
+    torch.manual_seed(0)
+    model = GemmaModel(cfg).double().eval()
+    prompts = [prompt(21, 5), prompt(22, 70)]
+    cont = torch.randint(3, 512, (2, 140), generator=torch.Generator().manual_seed(23))  # [2, 140]
+
+    def run():
+        with torch.no_grad():
+            c = model.make_cache(2, 300)
+            out = [prefill(model, c, prompts)]
+            for t in range(140):
+                pos = torch.tensor([[len(p) + t] for p in prompts])  # [2, 1]
+                out.append(decode_step(model, cont[:, t:t + 1], pos, c))
+        return torch.stack(out)  # [141, 2, V]
+
+    seen = []
+    real = model_mod._Step.visible_slots
+    monkeypatch.setattr(model_mod._Step, "visible_slots",
+                        staticmethod(lambda c, p, n: seen.append(real(c, p, n)) or seen[-1]))
+    sliced = run()
+    assert {128, 192, 256} <= set(seen) and 101 in seen  # partial reads happened, and full ring reads
+    monkeypatch.setattr(model_mod._Step, "visible_slots", staticmethod(lambda c, p, n: n + 1))
+    torch.testing.assert_close(sliced, run(), atol=1e-10, rtol=1e-10)
+
+
 def test_batched_equals_one_by_one_float32_with_stop_ids():
     # Rows finish at different steps (a frequent token is made a stop id): finished rows are fed
     # position -1 and must not disturb the others.
