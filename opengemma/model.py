@@ -214,6 +214,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv * hd, bias=False)
         self.v_proj = nn.Linear(d, kv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q/k/v stacked into one matrix (quant.fuse_projections)
+        self.qkv_sizes = (h * hd, kv * hd, kv * hd)
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
@@ -222,9 +224,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, step: _Step | None, layer: int):
         cfg = self.config
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
@@ -262,9 +268,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate/up stacked into one matrix (quant.fuse_projections)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):

@@ -370,12 +370,13 @@ def _quantize_weight(w: torch.Tensor, mode: str, group_size: int, act_dtype, com
 
 
 def quantize_model(model: nn.Module, mode: str, *, group_size: int = DEFAULT_GROUP,
-                   compute_dtype: torch.dtype | None = None) -> nn.Module:
+                   compute_dtype: torch.dtype | None = None, fuse: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` (bias-free) and the tied embedding in place; returns ``model``.
 
     One weight is quantized at a time (in row chunks) and its float copy dropped right after, so
     the extra memory is a few chunks, not a second model. Norms are untouched. A linear whose
-    input size is not a multiple of ``group_size`` gets int8 in int4 mode.
+    input size is not a multiple of ``group_size`` gets int8 in int4 mode. ``fuse`` then stacks
+    q/k/v and gate/up (:func:`fuse_projections`).
     """
     _check_mode(mode)
     from .model import TiedEmbedding
@@ -392,6 +393,50 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = DEFAULT_GRO
             setattr(parent, attr, QuantizedEmbedding(new) if emb else new)
             del w
             mod.weight = None  # drop the float weight now, not when the loop ends
+    return fuse_projections(model) if fuse else model
+
+
+# -- fused projections ------------------------------------------------------------------------------
+def _concat(mods: list[nn.Module]) -> nn.Module | None:
+    """One quantized linear computing ``cat([m(x) for m in mods], -1)``, or None where the parts
+    cannot share one matrix (mixed kinds, or an int4 layout whose rows cannot simply be stacked)."""
+    first = mods[0]
+    same = (type(first),) + tuple(getattr(first, a, None) for a in ("in_features", "act_dtype", "compute_dtype",
+                                                                    "group_size", "layout"))
+    if any((type(m),) + tuple(getattr(m, a, None) for a in ("in_features", "act_dtype", "compute_dtype", "group_size",
+                                                            "layout")) != same for m in mods):
+        return None
+    N = sum(m.out_features for m in mods)
+    if isinstance(first, Int8Linear):
+        return Int8Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]),
+                          act_dtype=first.act_dtype, compute_dtype=first.compute_dtype)
+    if first.layout not in ("cpu", "plain") or any(m.n_pad for m in mods):
+        return None  # CPU blocks are 64 rows: stacking is exact only without padding rows
+    return Int4Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scales_and_zeros for m in mods], dim=1),
+                      N, first.in_features, first.group_size, act_dtype=first.act_dtype,
+                      compute_dtype=first.compute_dtype, layout=first.layout)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Stack each layer's q/k/v and gate/up quantized weights into one matrix each (in place).
+
+    A decode step at batch 1 is dominated by per-call cost for matrices this small (e.g. 35 us for
+    1024x640 vs 43 us for the stacked 1536x640 with the int4 kernel): one call instead of three,
+    and of two, saves ~1.5 ms per token on the 270M model. The outputs are split with views, so
+    the result is the same numbers (each output row is still one row's dot product).
+    """
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        if all(isinstance(getattr(attn, n, None), (Int8Linear, Int4Linear)) for n in ("q_proj", "k_proj", "v_proj")):
+            fused = _concat([attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused is not None:
+                attn.qkv_proj = fused
+                del attn.q_proj, attn.k_proj, attn.v_proj
+        if all(isinstance(getattr(mlp, n, None), (Int8Linear, Int4Linear)) for n in ("gate_proj", "up_proj")):
+            fused = _concat([mlp.gate_proj, mlp.up_proj])
+            if fused is not None:
+                mlp.gate_up_proj = fused
+                del mlp.gate_proj, mlp.up_proj
     return model
 
 
@@ -479,12 +524,13 @@ def _from_gguf_tensor(buf, info, mode, group_size, act_dtype, compute_dtype, dev
 
 def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                         group_size: int = DEFAULT_GROUP, compute_dtype: torch.dtype | None = None,
-                        int4_exact: bool = True):
+                        int4_exact: bool = True, fuse: bool = True):
     """(config, model) of a GGUF file with its weights loaded straight into quantized modules.
 
     Q4_0 / Q4_K tensors become exact int4 (group 32) in both modes (``int4_exact``); the other
     weights are dequantized one at a time, in row chunks, and quantized to ``mode``. Norms are
     loaded in ``dtype`` (the activation dtype). Peak memory: the quantized model plus one chunk.
+    ``fuse`` stacks q/k/v and gate/up where they got the same kind (:func:`fuse_projections`).
     """
     _check_mode(mode)
     from .checkpoints import gguf as g
@@ -538,7 +584,7 @@ def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, 
             if p is not None and p.is_meta]
     if left:
         raise OpenGemmaError(f"{path}: GGUF file lacks {len(left)} tensors, e.g. {left[0]}")
-    return config, model.eval()
+    return config, (fuse_projections(model) if fuse else model).eval()
 
 
 # -- quality --------------------------------------------------------------------------------------

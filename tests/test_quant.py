@@ -134,6 +134,34 @@ def test_q4_k_direct_real_tensor(gguf_path):
             assert (err <= step / 4).float().mean() > 0.99  # far below re-quantization's step / 2
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_projections_equal_separate(mode):
+    # Stacking q/k/v and gate/up is a change of storage only: every output is the same dot product.
+    from opengemma.config import PRESETS
+    from opengemma.generate import decode_step, prefill
+    from opengemma.model import GemmaModel
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny-gemma3"].replace(d_model=64, ffn_dim=128, head_dim=64)  # int4 needs 64-row blocks
+    base = GemmaModel(cfg).eval()
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    models = {}
+    for fuse in (False, True):
+        m = GemmaModel(cfg).eval()
+        m.load_state_dict(base.state_dict())
+        models[fuse] = quant.quantize_model(m, mode, fuse=fuse)
+    assert isinstance(models[True].layers[0].attn.qkv_proj, Int8Linear if mode == "int8" else Int4Linear)
+    assert models[False].layers[0].attn.qkv_proj is None
+    out = {}
+    with torch.inference_mode():
+        for fuse, m in models.items():
+            cache = m.make_cache(2, 32)
+            first = prefill(m, cache, [[2, 5, 9, 4], [2, 7]])  # 4 rows: the packed (decode) kernels
+            out[fuse] = torch.stack([first, decode_step(m, torch.tensor([[3], [8]]), torch.tensor([[4], [2]]), cache)])
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=0)
+
+
 # -- the embedded model ----------------------------------------------------------------------------
 PROMPTS = ["The capital of France is", "The three primary colors are", "def fibonacci(n):", "Once upon a time",
            "Question: What is 12 plus 7?\nAnswer:", "1, 2, 3, 4, 5,", "January, February, March,",
@@ -224,7 +252,8 @@ def test_load_quantize_api(gguf_path):
     from opengemma.errors import OpenGemmaError
 
     g = opengemma.load(gguf_path, quantize="int4")
-    assert isinstance(g.model.layers[0].mlp.up_proj, Int4Linear)
+    assert isinstance(g.model.layers[0].mlp.gate_up_proj, Int4Linear)
+    assert isinstance(g.model.layers[0].attn.qkv_proj, Int4Linear) and not hasattr(g.model.layers[0].attn, "q_proj")
     assert g.generate("Hello", max_new_tokens=2)
     with pytest.raises(OpenGemmaError):
         opengemma.load(gguf_path, quantize="int3")
