@@ -229,8 +229,11 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
                     p.normal_(0.0, 0.02, generator=g)
         net.eval()
         tokenizer = load_tokenizer(src, net.config)
+    elif quantize and src.kind == "gguf" and dev.type == "cpu" and weight_cache.enabled():
+        net, tokenizer = _load_gguf_quantized_cached(src, quantize, dt)
     elif quantize and src.kind == "gguf":  # straight into quantized modules, no float model
-        _, net = quant.quantized_from_gguf(src.path, quantize, dtype=dt, device=dev)
+        from . import quant_gguf
+        _, net = quant_gguf.quantized_from_gguf(src.path, quantize, dtype=dt, device=dev)
         tokenizer = load_tokenizer(src, net.config)
     elif src.kind == "gguf" and weight_cache.enabled():
         net, tokenizer = _load_gguf_cached(src, dt, dev)
@@ -256,3 +259,24 @@ def _load_gguf_cached(src: Source, dtype: torch.dtype, device: torch.device) -> 
     tokenizer = Tokenizer.from_gguf(src.path)
     weight_cache.write(entry, config, state_dict, tokenizer.model_bytes())
     return load_weights(config, state_dict, dtype=dtype, device=device), tokenizer
+
+
+def _load_gguf_quantized_cached(src: Source, mode: str, dtype: torch.dtype) -> tuple[GemmaModel, Tokenizer]:
+    """A quantized GGUF load through the converted-weight cache (CPU): convert once (seconds),
+    then memory-map the packed weights (a fraction of a second, and no float copy in memory).
+    Packed layouts are torch's own, so the key includes the torch version."""
+    from . import quant_gguf, quant_store
+
+    entry = weight_cache.entry_dir(src.path, dtype=str(dtype), quantize=mode, torch=torch.__version__)
+    hit = weight_cache.read(entry)
+    if hit is not None and hit[2] is not None and "plan" in hit[3]:
+        config, tensors, _, extra = hit
+        try:
+            return quant_store.from_flat(config, tensors, extra["plan"]), Tokenizer.from_file(entry / "tokenizer.model")
+        except OpenGemmaError:
+            pass  # a damaged entry: convert again (and replace it)
+    config, net = quant_gguf.quantized_from_gguf(src.path, mode, dtype=dtype, device="cpu")
+    tokenizer = Tokenizer.from_gguf(src.path)
+    tensors, plan = quant_store.to_flat(net)
+    weight_cache.write(entry, config, tensors, tokenizer.model_bytes(), extra={"plan": plan})
+    return net, tokenizer

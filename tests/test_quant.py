@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from opengemma import quant
+from opengemma import quant, quant_gguf
 from opengemma.quant import Int4Linear, Int8Linear, QuantizedEmbedding
 
 
@@ -105,10 +105,10 @@ def test_q4_0_direct_exact():
     ref = torch.from_numpy(dequantize(raw, gguf.GGMLQuantizationType.Q4_0))
     info = _Info((128, 256), "Q4_0", raw)
     # fp32 scales: exact
-    m = quant.direct_int4(raw.tobytes(), info, compute_dtype=torch.float32)
+    m = quant_gguf.direct_int4(raw.tobytes(), info, compute_dtype=torch.float32)
     assert torch.equal(m.dequantize(), ref)
     # bf16 scales (the fast CPU path): scale d rounded to bf16, error <= 8 * 2**-8 * d (bf16 unit roundoff 2**-8)
-    m = quant.direct_int4(raw.tobytes(), info)
+    m = quant_gguf.direct_int4(raw.tobytes(), info)
     d = torch.from_numpy(raw.reshape(128, 8, 18)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     bound = 8 * 2.0 ** -8 * d.abs().repeat_interleave(32, 1) * 1.0001  # d may be negative
     assert ((m.dequantize() - ref).abs() <= bound).all()
@@ -122,10 +122,10 @@ def test_q4_k_direct_real_tensor(gguf_path):
         assert infos
         for info in infos:
             ref = torch.from_numpy(g.dequantize(mp.buf, info))
-            m = quant.direct_int4(mp.buf, info, compute_dtype=torch.float32)
+            m = quant_gguf.direct_int4(mp.buf, info, compute_dtype=torch.float32)
             # fp32 scale/zero: equal up to the two fp32 roundings of (q-8)*s + z vs s*q - dmin*m
             assert torch.allclose(m.dequantize(), ref, rtol=0, atol=2 * 2.0 ** -23 * ref.abs().max().item())
-            m = quant.direct_int4(mp.buf, info)  # bf16 scale and zero
+            m = quant_gguf.direct_int4(mp.buf, info)  # bf16 scale and zero
             sz = m.scales_and_zeros.float()
             step = sz[..., 0].t().repeat_interleave(32, 1)
             zero = sz[..., 1].abs().t().repeat_interleave(32, 1)
@@ -197,7 +197,7 @@ def _stepwise(model, prompt_ids, forced=None, n=N_TOKENS):
 
 @pytest.fixture(scope="module")
 def quantized(gguf_path):
-    return {mode: quant.quantized_from_gguf(gguf_path, mode)[1] for mode in ("int8", "int4")}
+    return {mode: quant_gguf.quantized_from_gguf(gguf_path, mode)[1] for mode in ("int8", "int4")}
 
 
 @pytest.fixture(scope="module")

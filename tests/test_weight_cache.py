@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -64,3 +65,30 @@ def test_opt_out(cache_dir, gguf_path, monkeypatch):
     monkeypatch.setenv("OPENGEMMA_NO_CACHE", "1")
     opengemma.load(gguf_path)
     assert not cache_dir.exists() or not _entries(cache_dir)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_hit_equals_fresh_conversion(cache_dir, gguf_path, mode):
+    from opengemma.generate import decode_step, prefill
+    from opengemma.quant import QuantizedEmbedding
+
+    first = opengemma.load(gguf_path, quantize=mode)  # converts the GGUF, stores the packed model
+    assert len(_entries(cache_dir)) == 1
+    second = opengemma.load(gguf_path, quantize=mode)  # memory-maps it
+    assert isinstance(second.model.embed, QuantizedEmbedding) and second.model.layers[0].attn.qkv_proj is not None
+    prompt = [2, 818, 5279, 529, 7001, 563]
+    steps = []
+    for g in (first, second):
+        cache = g.model.make_cache(1, 16)
+        logits = prefill(g.model, cache, [prompt])  # short: the packed kernels, as in decoding
+        steps.append(torch.stack([logits, decode_step(g.model, torch.tensor([[9]]), torch.tensor([[6]]), cache)]))
+    assert torch.equal(steps[0], steps[1])
+    # A plan that no longer fits its tensors is a damaged entry: converted again, not an error.
+    entry = _entries(cache_dir)[0]
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["extra"]["plan"].pop("embed")
+    (entry / "meta.json").write_text(json.dumps(meta))
+    third = opengemma.load(gguf_path, quantize=mode)
+    assert isinstance(third.model.embed, QuantizedEmbedding)
+    assert "embed" in json.loads((entry / "meta.json").read_text())["extra"]["plan"]  # entry replaced
