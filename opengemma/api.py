@@ -202,12 +202,15 @@ class Gemma:
 
 
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, seed: int = 0, quantize: str | None = None) -> Gemma:
+         device: str | torch.device | None = None, seed: int = 0, quantize: str | None = None,
+         compile: bool = False) -> Gemma:
     """Load a model (None = the embedded Gemma 3 270M) ready for generation.
 
     ``seed`` only matters for presets, whose weights are random (normal, std 0.02).
     ``quantize``: None/"none", "int8" or "int4" weight-only quantization (:mod:`opengemma.quant`);
     GGUF weights go straight into quantized modules, without a float copy of the model.
+    ``compile``: run the decode step through ``torch.compile`` (:mod:`opengemma.compiled`; CUDA
+    graphs on GPU), falling back to eager with a one-line warning where compiling fails.
     """
     if quantize in (None, "none"):
         quantize = None
@@ -244,6 +247,9 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
         tokenizer = load_tokenizer(src, net.config)
     if quantize and not isinstance(net.embed, quant.QuantizedEmbedding):
         quant.quantize_model(net, quantize)
+    if compile:
+        from . import compiled
+        compiled.enable(net)
     return Gemma(net, tokenizer, src.name)
 
 

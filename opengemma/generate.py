@@ -104,7 +104,11 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) 
     """One decode step: tokens [B, 1] at positions pos [B, 1] (-1: idle row) -> logits [B, V].
 
     Writes the new keys/values into ``cache`` in place; shapes never change from step to step.
+    A model with a compiled step (:mod:`opengemma.compiled`) runs through it.
     """
+    compiled = getattr(model, "compiled_decode", None)
+    if compiled is not None:
+        return compiled(tokens, pos, cache)  # [B, V]
     return model(tokens, pos, cache)[:, 0]  # [B, V]
 
 
@@ -284,9 +288,12 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return g
 
 
-def cache_length(rows: Sequence[RowState], context_length: int) -> int:
-    """Slots needed by ``rows`` rounded up to :data:`CACHE_ROUND`, at most the context."""
+def cache_length(rows: Sequence[RowState], context_length: int, *, pow2: bool = False) -> int:
+    """Slots needed by ``rows`` rounded up to :data:`CACHE_ROUND` (``pow2``: to a power of two,
+    at least 256, so that a compiled step meets few shapes), at most the context."""
     need = max(r.prompt_tokens + r.max_new_tokens for r in rows)
+    if pow2:
+        return min(max(256, 1 << (need - 1).bit_length()), max(context_length, need))
     return min(-(-need // CACHE_ROUND) * CACHE_ROUND, max(context_length, need))
 
 
@@ -305,7 +312,8 @@ def run_rows(model, rows: Sequence[RowState], gen: GenerationConfig, *, pad_id: 
     B = len(rows)
     g = make_generator(gen.seed, device)
     with torch.inference_mode():  # scoped per compute section: a generator must not leak the mode
-        cache = model.make_cache(B, cache_length(rows, model.config.context_length))
+        compiled = getattr(model, "compiled_decode", None) is not None
+        cache = model.make_cache(B, cache_length(rows, model.config.context_length, pow2=compiled))
         logits = prefill(model, cache, [r.prompt_ids for r in rows], pad_id=pad_id, chunk_size=chunk_size)
         # Preallocated per-step inputs, refilled in place: the decode step sees the same buffers.
         step_tokens = torch.full((B, 1), pad_id, dtype=torch.long, device=device)  # [B, 1]

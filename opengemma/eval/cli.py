@@ -31,6 +31,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to evaluate (default: embedded 270M)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quantize", "-q", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization of the evaluated model (and of --baseline / --judge)")
     p.add_argument("--tasks", "-t", default=None,
                    help="comma-separated tasks, or 'all' (mmlu, hellaswag, piqa, siqa, boolq, winogrande, "
                         "commonsense_qa, openbookqa, arc_easy, arc_challenge, triviaqa, natural_questions, "
@@ -139,8 +141,9 @@ def run_eval(args) -> int:
     if args.tasks or args.memorization or args.sxs:
         from ..api import load
 
-        g = load(args.model, dtype=args.dtype, device=args.device)
-        out.update(model=g.name, config=g.config.name, dtype=str(g.dtype), device=str(g.device))
+        g = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        out.update(model=g.name, config=g.config.name, dtype=str(g.dtype), device=str(g.device),
+                   quantize=args.quantize)
     if args.tasks:
         out["data"] = str(source.data_dir) if source.data_dir else "huggingface hub"
         out["results"] = []
@@ -194,14 +197,14 @@ def _run_sxs(g, args) -> dict:
         raise OpenGemmaError("--sxs needs --baseline MODEL and --judge MODEL|URL")
     prompts = _read_lines(args.sxs, "prompt")
     test = respond(g, prompts, args.max_new_tokens)
-    base = load(args.baseline, dtype=args.dtype, device=args.device)
+    base = load(args.baseline, dtype=args.dtype, device=args.device, quantize=args.quantize)
     baseline = respond(base, prompts, args.max_new_tokens)
     if args.judge.startswith(("http://", "https://")):
         if not args.judge_model:
             raise OpenGemmaError("an endpoint judge needs --judge-model NAME")
         judge = EndpointJudge(args.judge, args.judge_model)
     else:
-        judge = ModelJudge(load(args.judge, dtype=args.dtype, device=args.device))
+        judge = ModelJudge(load(args.judge, dtype=args.dtype, device=args.device, quantize=args.quantize))
     bar = _bar(len(prompts), "side-by-side")
     res = side_by_side(prompts, test, baseline, judge, seed=args.seed, progress=bar.update)
     bar.close()
