@@ -35,7 +35,7 @@ class CompiledDecode:
         self.model = model
         cuda = next(model.parameters(), torch.empty(0)).device.type == "cuda"
         self.mode = mode if mode is not None else ("reduce-overhead" if cuda else "default")
-        self.fn = torch.compile(self._eager, mode=self.mode, dynamic=None)
+        self.fn = None  # torch.compile on first use: importing torch._dynamo costs ~1 s of start-up
         self.error: str | None = None
         self._static: set[int] = set()
 
@@ -52,6 +52,8 @@ class CompiledDecode:
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         if self.error is None:
             try:
+                if self.fn is None:
+                    self.fn = torch.compile(self._eager, mode=self.mode, dynamic=None)
                 self._mark_static(cache)
                 return self.fn(tokens, pos, cache)
             except Exception as e:  # compilation problems surface as many exception types

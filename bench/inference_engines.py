@@ -1,0 +1,585 @@
+"""The engine processes of ``bench_inference.py``: engines, fixed texts, worker, cold start.
+
+Each engine runs in its own worker process: this file run as a script,
+``python inference_engines.py ENGINE REPLY_FD``, started and driven by :class:`Worker` in the
+parent. The parent sends the settings as one JSON line on stdin, then commands, one JSON line
+each; every reply is one JSON line on the file descriptor REPLY_FD (stdout and stderr stay free for
+the engines' own chatter). Commands: ``prefill``, ``decode`` (``steps``), ``stats`` (peak RSS so
+far), ``ppl`` (perplexity on the fixed text, untimed; a failure is reported and the worker goes
+on) and ``finish``. The cold-start processes (``python -c``, :func:`run_cold_start`) import this
+module and call :func:`cold_start`. Importing this module takes only the standard library: each
+engine imports its own packages (torch included) when it is built, so a llama.cpp cold start never
+pays for torch.
+
+Engines: the opengemma variants of :data:`VARIANTS` (one class, parameterised by dtype,
+quantization and compilation; ``opengemma`` in fp32 is the reference of prompt ids and greedy
+tokens), Hugging Face transformers (the GGUF dequantized to fp32) and llama.cpp through
+llama-cpp-python (the Q4_K_M file as it is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# opengemma variants: the keyword arguments of opengemma.load (device="cpu" besides); a cold start
+# of a variant loads with the same options.
+VARIANTS = {
+    "opengemma": {"dtype": "float32"},
+    "opengemma-bf16": {"dtype": "bfloat16"},
+    "opengemma-int8": {"dtype": "float32", "quantize": "int8"},
+    "opengemma-int4": {"dtype": "float32", "quantize": "int4"},
+    "opengemma-int4-bf16": {"dtype": "bfloat16", "quantize": "int4"},
+    "opengemma-int4-compile": {"dtype": "float32", "quantize": "int4", "compile": True},
+}
+ENGINES = (*VARIANTS, "transformers", "llama.cpp")
+REFERENCE = "opengemma"  # fp32: its prompt ids are every engine's input, its greedy tokens the reference
+
+# A fixed, realistic English text: three distinct paragraphs, cycled until long enough, then cut
+# to exactly the wanted number of tokens (BOS included): the prompt, and the perplexity text.
+PARAGRAPHS = (
+    "The history of the lighthouse is, in many ways, the history of coastal trade. Long before "
+    "electric lamps and automated beacons, keepers climbed narrow spiral stairs every evening to "
+    "trim wicks, polish lenses and wind the clockwork that turned the great glass prisms. A single "
+    "missed night could mean a wrecked ship, a lost cargo and a drowned crew, so the job demanded "
+    "patience, discipline and an almost stubborn sense of duty. Many keepers lived with their "
+    "families on isolated rocks for months at a time, receiving supplies by boat when the weather "
+    "allowed and keeping detailed logs of every storm, every passing vessel and every repair.",
+    "In the kitchen, bread making follows a similar rhythm of small, careful steps. Flour, water, "
+    "salt and yeast are mixed into a shaggy dough, which is then kneaded until it becomes smooth "
+    "and elastic. The dough rests while the yeast ferments the sugars, releasing carbon dioxide "
+    "that stretches the gluten network and makes the loaf rise. A baker shapes the dough, lets it "
+    "proof a second time, scores the top with a sharp blade and bakes it in a hot oven, often with "
+    "a tray of water underneath so that the steam keeps the crust supple for the first minutes.",
+    "Modern computers, for all their speed, still depend on the same basic idea of doing simple "
+    "operations very quickly and very reliably. A processor fetches an instruction, decodes it, "
+    "executes it and writes back the result, billions of times per second. Caches keep recently "
+    "used data close to the cores, because reading from main memory takes far longer than an "
+    "addition. Much of the work of making software fast is therefore not about clever arithmetic "
+    "but about arranging data so that the processor finds what it needs exactly when it needs it.",
+)
+COLD_PROMPT = "The capital of France is"
+NLL_ROWS = 128  # log-softmax over the 262k-entry vocabulary this many positions at a time
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side: texts, engines, the worker process, the cold start
+# ---------------------------------------------------------------------------------------------
+
+class Skipped(Exception):
+    """The engine cannot run with this installation (reported as skipped, not as a failure)."""
+
+
+def prompt_text(n_tokens: int) -> str:
+    """Enough text for ``n_tokens`` tokens (a paragraph is ~110 tokens; cycle with margin)."""
+    reps = n_tokens // 80 + 2
+    return "\n\n".join(PARAGRAPHS[i % len(PARAGRAPHS)] for i in range(reps))
+
+
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load_variant(engine: str, gguf: str):
+    """``opengemma.load`` with the options of one :data:`VARIANTS` entry (worker and cold start)."""
+    import opengemma
+
+    opts = dict(VARIANTS[engine])
+    if opts.get("compile"):
+        import inspect
+
+        if "compile" not in inspect.signature(opengemma.load).parameters:
+            raise Skipped("opengemma.load has no compile option")
+    else:
+        opts.pop("compile", None)  # keeps the other variants loadable by an opengemma without it
+    return opengemma.load(gguf, device="cpu", **opts)
+
+
+class _OpenGemma:
+    """An opengemma variant: ``load_variant``, ``generate.prefill`` (logits_at),
+    ``generate.decode_step`` (through the compiled step for ``compile``), ``quant.perplexity``."""
+
+    def __init__(self, s: dict, engine: str):
+        import torch
+
+        self.torch = torch
+        t = time.perf_counter()
+        import opengemma
+        from opengemma import generate as gen
+
+        self.import_s = time.perf_counter() - t
+        self.gen = gen
+        t = time.perf_counter()
+        self.g = load_variant(engine, s["gguf"])
+        self.load_s = time.perf_counter() - t
+        self.compiled = getattr(self.g.model, "compiled_decode", None) is not None
+        self.info = {"load_options": VARIANTS[engine], "compiled_decode": self.compiled,
+                     "opengemma": getattr(opengemma, "__version__", "?")}
+        self.cache, self.cache_for = None, None
+
+    def encode(self, text: str) -> list[int]:
+        return self.g.tokenizer.encode(text, bos=True)
+
+    def _cache_len(self, max_len: int) -> int:
+        """Slots as generate() would allocate them: a compiled model rounds up to a power of two
+        (generate.cache_length(pow2=True)), so that its graph meets few shapes."""
+        if not self.compiled:
+            return max_len
+        from types import SimpleNamespace
+
+        row = SimpleNamespace(prompt_tokens=max_len, max_new_tokens=0)
+        try:
+            return self.gen.cache_length([row], self.g.config.context_length, pow2=True)
+        except TypeError:  # an opengemma without pow2
+            return max_len
+
+    def prefill(self, ids: list[int], max_len: int):
+        with self.torch.inference_mode():
+            if self.cache_for != max_len:  # one cache per worker: the compiled step sees one shape
+                self.cache = self.g.model.make_cache(1, self._cache_len(max_len))
+                self.cache_for = max_len
+            return self.gen.prefill(self.g.model, self.cache, [ids])  # [1, V], resets the row first
+
+    def decode(self, ids: list[int], steps: int, max_len: int) -> tuple[list[float], list[int]]:
+        torch = self.torch
+        model, P = self.g.model, len(ids)
+        logits = self.prefill(ids, max_len)
+        times, out = [], []
+        with torch.inference_mode():
+            tok = torch.zeros((1, 1), dtype=torch.long)
+            pos = torch.zeros((1, 1), dtype=torch.long)
+            for i in range(steps):
+                t = time.perf_counter()
+                nxt = logits.argmax(-1)  # [1]
+                out.append(nxt.item())
+                tok.copy_(nxt[:, None])
+                pos.fill_(P + i)
+                logits = self.gen.decode_step(model, tok, pos, self.cache)  # [1, V]
+                times.append(time.perf_counter() - t)
+            out.append(int(logits.argmax(-1).item()))
+        return times, out
+
+    def late_info(self) -> dict:
+        """After the timed runs: whether torch.compile fell back to eager (opengemma.compiled)."""
+        return {"compile_error": self.g.model.compiled_decode.error} if self.compiled else {}
+
+    def ppl(self, ids: list[int]) -> float:
+        from opengemma import quant
+
+        self.cache, self.cache_for = None, None
+        with self.torch.inference_mode():
+            return quant.perplexity(self.g.model, ids)
+
+
+def hf_load(gguf: str):
+    """transformers' model (fp32, default attention) and tokenizer from the GGUF -> (model, tok, how).
+
+    ``from_pretrained(dir, gguf_file=name)`` needs ``accelerate`` for GGUF files. Without it we take
+    the same steps by hand (what tests/conftest.py does): ``load_gguf_checkpoint`` dequantizes the
+    file, ``from_config`` builds the model, and the tensors are assigned; ``how`` says which ran.
+    """
+    import importlib.util
+
+    import torch
+    import transformers
+
+    path = Path(gguf)
+    if importlib.util.find_spec("accelerate") is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
+        how = "from_pretrained"
+    else:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        parsed = load_gguf_checkpoint(str(path))
+        config = transformers.AutoConfig.for_model(**parsed["config"])
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
+                                       torch_dtype=torch.float32)["tensors"]
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+        model.tie_weights()
+        expected = {n for n, _ in model.named_parameters()}  # tied weights are listed once
+        missing = sorted(expected & set(result.missing_keys))
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"transformers fallback load: missing {missing[:3]}, "
+                               f"unexpected {result.unexpected_keys[:3]}")
+        how = "load_gguf_checkpoint + from_config (accelerate not installed)"
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tok, how
+
+
+class _Transformers:
+    """transformers: the GGUF in fp32 (default attention, see :func:`hf_load`), forward with
+    ``logits_to_keep=1`` for prefill, and a manual greedy loop over its DynamicCache for decode."""
+
+    def __init__(self, s: dict, engine: str):
+        import torch
+
+        self.torch = torch
+        t = time.perf_counter()
+        import transformers
+
+        self.import_s = time.perf_counter() - t
+        t = time.perf_counter()
+        self.model, self.tok, how = hf_load(s["gguf"])
+        self.load_s = time.perf_counter() - t
+        self.info = {"transformers": transformers.__version__, "load": how,
+                     "attn_implementation": getattr(self.model.config, "_attn_implementation", None)}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text).input_ids
+
+    def _prefill_out(self, ids: list[int]):
+        x = self.torch.tensor([ids], dtype=self.torch.long)
+        return self.model(input_ids=x, use_cache=True, logits_to_keep=1)
+
+    def prefill(self, ids: list[int], max_len: int):
+        with self.torch.inference_mode():
+            return self._prefill_out(ids).logits[:, -1]
+
+    def decode(self, ids: list[int], steps: int, max_len: int) -> tuple[list[float], list[int]]:
+        torch = self.torch
+        P = len(ids)
+        times, out = [], []
+        with torch.inference_mode():
+            o = self._prefill_out(ids)
+            past, logits = o.past_key_values, o.logits[:, -1]
+            for i in range(steps):
+                t = time.perf_counter()
+                nxt = logits.argmax(-1)  # [1]
+                out.append(nxt.item())
+                o = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True,
+                               cache_position=torch.tensor([P + i]), logits_to_keep=1)
+                past, logits = o.past_key_values, o.logits[:, -1]
+                times.append(time.perf_counter() - t)
+            out.append(int(logits.argmax(-1).item()))
+        return times, out
+
+    def ppl(self, ids: list[int]) -> float:
+        """One forward over all ids (no cache), log_softmax in fp32, mean NLL of tokens 1..N-1."""
+        torch = self.torch
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]  # [N, V]
+            tgt = torch.tensor(ids[1:])
+            nll = 0.0
+            for i in range(0, len(ids) - 1, NLL_ROWS):
+                lp = torch.log_softmax(logits[i:i + NLL_ROWS].float(), dim=-1)  # [rows, V]
+                nll -= lp.gather(-1, tgt[i:i + NLL_ROWS, None]).double().sum().item()
+        return math.exp(nll / (len(ids) - 1))
+
+
+class _LlamaCpp:
+    """llama.cpp through llama-cpp-python: ``Llama(model_path)``, ``eval(ids)``, greedy from the
+    context's last logits; perplexity from a second context with ``logits_all``."""
+
+    def __init__(self, s: dict, engine: str):
+        t = time.perf_counter()
+        import llama_cpp
+        import numpy as np
+
+        self.import_s = time.perf_counter() - t
+        self.np, self.llama_cpp, self.s = np, llama_cpp, s
+        t = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=s["gguf"], n_ctx=s["prompt_tokens"] + s["decode_tokens"] + 16,
+                                   n_batch=max(512, s["prompt_tokens"]), n_threads=s["threads"],
+                                   n_threads_batch=s["threads"], logits_all=False, verbose=False)
+        self.load_s = time.perf_counter() - t
+        self.info = {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def _last_logits(self):
+        # Without logits_all, Llama.eval keeps no scores (sampling moved into llama.cpp): read the
+        # context's logits of the last evaluated token directly. A view, valid until the next eval.
+        return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
+    def prefill(self, ids: list[int], max_len: int):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._last_logits()
+
+    def decode(self, ids: list[int], steps: int, max_len: int) -> tuple[list[float], list[int]]:
+        np = self.np
+        logits = self.prefill(ids, max_len)
+        times, out = [], []
+        for _ in range(steps):
+            t = time.perf_counter()
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            self.llm.eval([nxt])
+            logits = self._last_logits()
+            times.append(time.perf_counter() - t)
+        out.append(int(np.argmax(logits)))
+        return times, out
+
+    def ppl(self, ids: list[int]) -> float:
+        """All logits need ``logits_all``: a second context just for this, freed afterwards."""
+        np, N, s = self.np, len(ids), self.s
+        llm = self.llama_cpp.Llama(model_path=s["gguf"], n_ctx=N + 16, n_batch=max(1024, N),
+                                   n_threads=s["threads"], n_threads_batch=s["threads"],
+                                   logits_all=True, verbose=False)
+        try:
+            llm.eval(ids)
+            scores = llm.scores[:N]  # [N, V] float32
+            nll = 0.0
+            for i in range(0, N - 1, NLL_ROWS):
+                x = scores[i:min(i + NLL_ROWS, N - 1)]
+                m = x.max(axis=1)
+                lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1, dtype=np.float64))
+                nll += float((lse - x[np.arange(len(x)), ids[i + 1:i + 1 + len(x)]]).sum())
+        finally:
+            getattr(llm, "close", lambda: None)()
+            del llm
+        return math.exp(nll / (N - 1))
+
+
+def engine_available(engine: str) -> str | None:
+    """None when the engine's package is importable here, else why not."""
+    import importlib.util
+
+    mod = "opengemma" if engine in VARIANTS else {"transformers": "transformers", "llama.cpp": "llama_cpp"}[engine]
+    if importlib.util.find_spec(mod) is None:
+        return "llama-cpp-python not installed" if engine == "llama.cpp" else f"{mod} not installed"
+    return None
+
+
+def make_engine(engine: str, settings: dict):
+    cls = _OpenGemma if engine in VARIANTS else {"transformers": _Transformers, "llama.cpp": _LlamaCpp}[engine]
+    return cls(settings, engine)
+
+
+def serve_worker(engine: str, settings: dict, reply_fd: int) -> int:
+    """The worker process of one engine: load, say "ready" (or "skipped"), then answer the
+    parent's commands (one JSON object per line on stdin) with one JSON line each on ``reply_fd``.
+    Only the parent decides when this process computes, so engines never overlap."""
+    import traceback
+
+    out = os.fdopen(reply_fd, "w", buffering=1)
+
+    def reply(obj: dict) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        if engine != "llama.cpp":
+            import torch
+
+            torch.set_num_threads(settings["threads"])
+        try:
+            eng = make_engine(engine, settings)
+        except Skipped as e:
+            reply({"skipped": str(e)})
+            return 0
+        ready: dict = {"import_s": eng.import_s, "load_s": eng.load_s, "rss_after_load_mib": rss_now_mib(),
+                       "info": getattr(eng, "info", {})}
+        texts = {}  # name -> the ids this engine is fed
+        for name, n in (("prompt", settings["prompt_tokens"]), ("ppl", settings["ppl_tokens"])):
+            if not n:
+                continue
+            text = settings.get("ppl_text") if name == "ppl" else None
+            own = eng.encode(text or prompt_text(n))[:n]
+            if len(own) < n:
+                raise RuntimeError(f"{name} text gave only {len(own)} tokens, {n} needed")
+            ref = settings.get(f"{name}_ids")
+            ready[f"{name}_ids_match_reference"] = None if ref is None else own == ref
+            texts[name] = ready[f"{name}_ids"] = ref if ref is not None else own
+        ids = texts["prompt"]
+        max_len = settings["prompt_tokens"] + settings["decode_tokens"]
+        reply(ready)
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "prefill":
+                t = time.perf_counter()
+                logits = eng.prefill(ids, max_len)
+                dt = time.perf_counter() - t
+                reply({"s": dt, "argmax": int(logits.argmax())})
+            elif cmd["op"] == "decode":
+                t = time.perf_counter()
+                times, toks = eng.decode(ids, cmd["steps"], max_len)
+                reply({"step_s": times, "ids": toks, "wall_s": time.perf_counter() - t})
+            elif cmd["op"] == "stats":
+                reply({"peak_rss_mib": peak_rss_mib(), "info": getattr(eng, "late_info", dict)()})
+            elif cmd["op"] == "ppl":  # a failure here is reported, and the worker goes on
+                t = time.perf_counter()
+                try:
+                    reply({"ppl": eng.ppl(texts["ppl"]), "s": time.perf_counter() - t,
+                           "peak_rss_mib": peak_rss_mib()})
+                except Exception:
+                    reply({"ppl_error": traceback.format_exc()})
+            elif cmd["op"] == "finish":
+                reply({"peak_rss_mib": peak_rss_mib()})
+                return 0
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+    except Exception:
+        reply({"error": traceback.format_exc()})
+        return 1
+    return 0
+
+
+def cold_start(engine: str, gguf: str, threads: int) -> None:
+    """What the fresh ``python -c`` process runs: import the engine, load, generate one token."""
+    if engine == "llama.cpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=gguf, n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+        llm(COLD_PROMPT, max_tokens=1, temperature=0.0)
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    if engine in VARIANTS:
+        g = load_variant(engine, gguf)
+        g.generate(COLD_PROMPT, max_new_tokens=1)
+    else:
+        model, tok, _ = hf_load(gguf)
+        with torch.inference_mode():
+            model.generate(**tok(COLD_PROMPT, return_tensors="pt"), max_new_tokens=1, do_sample=False)
+
+
+def cold_start_code(engine: str, gguf: str, threads: int) -> str:
+    """``python -c`` source for :func:`cold_start`: this file's directory on sys.path (importing
+    this module costs only the standard library)."""
+    here = str(Path(__file__).resolve().parent)
+    return (f"import sys; sys.path.insert(0, {here!r}); import inference_engines; "
+            f"inference_engines.cold_start({engine!r}, {gguf!r}, {threads})")
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side: starting and driving these processes
+# ---------------------------------------------------------------------------------------------
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+class Worker:
+    """One engine's worker process (``inference_engines.py ENGINE FD``), driven command by command."""
+
+    def __init__(self, engine: str, settings: dict, threads: int, timeout: float):
+        import subprocess
+        import tempfile
+
+        self.engine, self.timeout = engine, timeout
+        self.log = tempfile.TemporaryFile()  # its stdout and stderr: progress bars, warnings, tracebacks
+        r, w = os.pipe()
+        cmd = [sys.executable, str(Path(__file__).resolve()), engine, str(w)]
+        self.proc = subprocess.Popen(cmd, env=child_env(threads), stdin=subprocess.PIPE, stdout=self.log,
+                                     stderr=subprocess.STDOUT, pass_fds=(w,), text=True)
+        os.close(w)
+        self.replies = os.fdopen(r, "r")
+        self.proc.stdin.write(json.dumps(settings) + "\n")
+        self.proc.stdin.flush()
+
+    def _read(self) -> dict:
+        import select
+
+        import signal
+
+        ready, _, _ = select.select([self.replies], [], [], self.timeout)
+        line = self.replies.readline() if ready else ""
+        if line:
+            return json.loads(line)
+        if not ready:
+            self.proc.kill()
+        code = self.proc.wait()
+        self.log.seek(0)
+        tail = "\n".join(self.log.read().decode(errors="replace").strip().splitlines()[-15:])
+        how = ("timed out" if not ready else f"crashed ({signal.Signals(-code).name})" if code < 0
+               else f"exited with {code}")
+        return {"error": f"worker {how}:\n{tail}"}
+
+    def ready(self) -> dict:
+        return self._read()
+
+    def ask(self, op: str, **kw) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died; _read reports how
+        return self._read()
+
+    def cpu_s(self) -> float:
+        """CPU time of the live worker (all its threads), from /proc/PID/stat."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.replies.close()
+        self.log.close()
+
+
+def run_cold_start(engine: str, gguf: str, threads: int, n_runs: int, timeout: float) -> dict:
+    """Spawn-to-exit wall time of 'import + load + 1 token' in ``n_runs`` fresh processes, one after
+    the other; the last run is reported. wait4 gives each child's own peak RSS."""
+    import subprocess
+    import tempfile
+
+    runs = []
+    for _ in range(n_runs):
+        code = cold_start_code(engine, gguf, threads)
+        errf = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child cannot block on it
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code], env=child_env(threads),
+                                stdout=subprocess.DEVNULL, stderr=errf)
+        # wait4 (not proc.wait) so that the child's own resource usage comes back with its status.
+        deadline = t + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
+        errf.close()
+        if proc.returncode != 0:
+            tail = "\n".join(err.strip().splitlines()[-10:])
+            return {"error": f"cold start exited with {proc.returncode}:\n{tail}", "runs_s": [r["s"] for r in runs]}
+        runs.append({"s": wall, "peak_rss_mib": ru.ru_maxrss / 1024})
+    return {"runs_s": [r["s"] for r in runs], "s": runs[-1]["s"], "peak_rss_mib": runs[-1]["peak_rss_mib"]}
+
+
+if __name__ == "__main__":
+    # python inference_engines.py ENGINE REPLY_FD, settings as one JSON line on stdin (the parent
+    # does this; not for direct use).
+    if len(sys.argv) != 3 or sys.argv[1] not in ENGINES:
+        sys.exit(f"usage: {Path(__file__).name} ENGINE REPLY_FD (started by bench_inference.py); "
+                 f"ENGINE one of {', '.join(ENGINES)}")
+    sys.exit(serve_worker(sys.argv[1], json.loads(sys.stdin.readline()), int(sys.argv[2])))
