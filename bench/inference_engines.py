@@ -40,7 +40,8 @@ ENGINES = (*VARIANTS, "transformers", "llama.cpp")
 REFERENCE = "opengemma"  # fp32: its prompt ids are every engine's input, its greedy tokens the reference
 
 # A fixed, realistic English text: three distinct paragraphs, cycled until long enough, then cut
-# to exactly the wanted number of tokens (BOS included): the prompt, and the perplexity text.
+# to exactly the wanted number of tokens (BOS included): the prompt (and the perplexity text when
+# --ppl-text names no file).
 PARAGRAPHS = (
     "The history of the lighthouse is, in many ways, the history of coastal trade. Long before "
     "electric lamps and automated beacons, keepers climbed narrow spiral stairs every evening to "
