@@ -151,6 +151,39 @@ def test_greedy_equals_naive_full_forward_past_the_window(name):
     assert min(margins) > MIN_MARGIN
 
 
+@pytest.mark.parametrize("T", [6, 8, 13])  # tiny-gemma3's window is 8: below, at and past it
+@pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma3"])
+def test_causal_fast_path_equals_masked_attention(name, T, monkeypatch):
+    # Positions 0..T-1 (a prompt's first chunk; a forward with default positions) take SDPA's
+    # is_causal instead of an explicit mask: same logits as the masked path, for every layer kind.
+    import opengemma.model as M
+
+    model, toks = tiny_model(name), torch.tensor([prompt(6, T)])
+    flags: list[bool] = []
+    sdpa = M.F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        flags.append(kw.get("is_causal", False))
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        fast_cached = model(toks, torch.arange(T), model.make_cache(1, 32))
+        fast_plain = model(toks)
+        n_fast = sum(flags)
+        monkeypatch.setattr(M._Step, "starts_at_zero", staticmethod(lambda cfg, pos: False))
+        masked_cached = model(toks, torch.arange(T), model.make_cache(1, 32))
+        masked_plain = model(toks, torch.arange(T)[None])  # explicit positions: the masked path
+    n_local = sum(model.config.is_local(i) for i in range(model.config.n_layers))
+    n_layers = model.config.n_layers
+    # every layer of both fast forwards, except local layers once T exceeds the window
+    assert n_fast == 2 * (n_layers - (n_local if n_local and T > model.config.sliding_window else 0))
+    assert not any(flags[2 * n_layers:])
+    torch.testing.assert_close(fast_cached, masked_cached, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_plain, masked_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_cached, fast_plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma2", "tiny-gemma3"])
 def test_batched_equals_one_by_one(name):
     # Ragged prompts (shorter and longer than the window) in one batch must give each row the
