@@ -265,10 +265,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                  enable_gqa=cfg.n_kv_heads != cfg.n_heads)  # [B, H, T, D]
         else:
-            out = self._eager(q, k, v, mask)
+            out = self._matmul_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
-    def _eager(self, q, k, v, mask):
+    def _matmul_attention(self, q, k, v, mask):
         """Attention as two matmuls, with the tanh soft-capping of the logits where configured
         (Gemma 2; fused kernels lack it). Grouped-query heads are folded into the matmul rows
         ([B, KV, G*T, D] against [B, KV, S, D]): no copy of k/v per query head."""

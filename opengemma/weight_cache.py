@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 
 from .config import GemmaConfig
 
-FORMAT_VERSION = 2  # 2: least-squares int4 grids. Bump when converted tensors would differ for the same source and options
+# Bump when converted tensors would differ for the same source and options (2: least-squares int4 grids).
+FORMAT_VERSION = 2
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I8": np.int8, "U8": np.uint8,
               "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
