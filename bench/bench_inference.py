@@ -4,9 +4,9 @@ The embedded Gemma 3 270M (Q4_K_M GGUF), batch 1, on the CPU with ``--threads`` 
 (``--engines``; their code and worker process are in ``inference_engines.py``): the opengemma
 variants of ``inference_engines.VARIANTS``, each ``opengemma.load(gguf, device="cpu", ...)`` with its
 own options -- ``opengemma`` (fp32; the reference for prompt ids and greedy tokens), ``-bf16``,
-``-int8``, ``-int4`` (weight-only, fp32 activations), ``-int4-bf16``, ``-int4-compile`` (the decode
-step through ``torch.compile``, its cache rounded up to a power of two as ``generate`` does;
-skipped when ``opengemma.load`` has no ``compile``); ``transformers`` (the GGUF dequantized to
+``-int8``, ``-int4`` (weight-only, fp32 activations), ``-int4-bf16``, ``-int4-compile`` and
+``-int4-bf16-compile`` (the decode step through ``torch.compile``, its cache rounded up to a power
+of two as ``generate`` does; skipped when ``opengemma.load`` has no ``compile``); ``transformers`` (the GGUF dequantized to
 fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped when not installed).
 
 * **load** -- in-process wall time of the load call (``opengemma.load()``; transformers' model *and*
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench_inference.py",
         description="Benchmark CPU inference of the embedded Gemma 3 270M (Q4_K_M GGUF): opengemma's "
-                    "variants (fp32, bf16, int8, int4, int4+bf16, int4+torch.compile) against Hugging "
+                    "variants (fp32, bf16, int8, int4, int4+bf16, int4 (+bf16) + torch.compile) against Hugging "
                     "Face transformers loading the same GGUF (fp32) and llama.cpp (llama-cpp-python) "
                     "when it is installed. Batch 1, greedy. Each engine runs in its own worker "
                     "process; the engines are timed in alternation, repetition by repetition; the "

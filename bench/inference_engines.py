@@ -35,6 +35,7 @@ VARIANTS = {
     "opengemma-int4": {"dtype": "float32", "quantize": "int4"},
     "opengemma-int4-bf16": {"dtype": "bfloat16", "quantize": "int4"},
     "opengemma-int4-compile": {"dtype": "float32", "quantize": "int4", "compile": True},
+    "opengemma-int4-bf16-compile": {"dtype": "bfloat16", "quantize": "int4", "compile": True},
 }
 ENGINES = (*VARIANTS, "transformers", "llama.cpp")
 REFERENCE = "opengemma"  # fp32: its prompt ids are every engine's input, its greedy tokens the reference

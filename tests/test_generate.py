@@ -151,22 +151,30 @@ def test_greedy_equals_naive_full_forward_past_the_window(name):
     assert min(margins) > MIN_MARGIN
 
 
+@pytest.mark.parametrize("block", [4, 256])  # CPU causal attention in query blocks: several, one
 @pytest.mark.parametrize("T", [6, 8, 13])  # tiny-gemma3's window is 8: below, at and past it
 @pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma3"])
-def test_causal_fast_path_equals_masked_attention(name, T, monkeypatch):
-    # Positions 0..T-1 (a prompt's first chunk; a forward with default positions) take SDPA's
-    # is_causal instead of an explicit mask: same logits as the masked path, for every layer kind.
+def test_causal_fast_path_equals_masked_attention(name, T, block, monkeypatch):
+    # Positions 0..T-1 (a prompt's first chunk; a forward with default positions) take causal
+    # attention without an explicit mask (on the CPU: blocked matmuls; with autograd: SDPA's
+    # is_causal): the same logits as the masked path, for every layer kind.
     import opengemma.model as M
 
+    monkeypatch.setattr(M, "CAUSAL_BLOCK", block)
     model, toks = tiny_model(name), torch.tensor([prompt(6, T)])
     flags: list[bool] = []
-    sdpa = M.F.scaled_dot_product_attention
+    sdpa, causal = M.F.scaled_dot_product_attention, M.Attention._causal_attention
 
     def spy(*a, **kw):
         flags.append(kw.get("is_causal", False))
         return sdpa(*a, **kw)
 
+    def spy_causal(*a):
+        flags.append(True)
+        return causal(*a)
+
     monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(M.Attention, "_causal_attention", spy_causal)
     with torch.no_grad():
         fast_cached = model(toks, torch.arange(T), model.make_cache(1, 32))
         fast_plain = model(toks)
@@ -182,6 +190,11 @@ def test_causal_fast_path_equals_masked_attention(name, T, monkeypatch):
     torch.testing.assert_close(fast_cached, masked_cached, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_plain, masked_plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_cached, fast_plain, rtol=1e-5, atol=1e-5)
+    # with autograd (training) the same forward takes SDPA's fused is_causal kernel instead
+    flags.clear()
+    grad_plain = model(toks)
+    assert sum(flags) == n_layers - (n_local if n_local and T > model.config.sliding_window else 0)
+    torch.testing.assert_close(grad_plain.detach(), fast_plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma2", "tiny-gemma3"])

@@ -59,7 +59,14 @@ def test_int4_matmul(shape, group, act):
     step, zero = s0.float().repeat_interleave(group, 1), z0.float().repeat_interleave(group, 1)  # [N, K]
     W0 = (q0.float() - 8) * step + zero
     assert ((W.to(act).float() - W0).abs() <= step / 2 + 8 * 2.0 ** -8 * step + 2.0 ** -8 * zero.abs()).all()
-    for M in (1, 5, 64):
+    # the prefill path's transposed dequantization: the same weights up to one rounding of
+    # z - 8s and of the result (each at most half an ulp of the activation dtype)
+    ulp = 2.0 ** -23 if act == torch.float32 else 2.0 ** -8
+    zz = (z.float() - 8 * s.float()).abs().repeat_interleave(group, 1)  # [N, K]
+    Wt = m.dequantize_t(act)
+    assert Wt.shape == (shape[1], shape[0]) and Wt.dtype == act
+    assert ((Wt.float().T - Wq).abs() <= ulp * (zz + Wq.abs()) + 1e-12).all()
+    for M in (1, 5, 64):  # 64 rows: the dense (dequantize-on-the-fly) path
         x = torch.randn(M, shape[1]).to(act)
         y = m(x)
         assert y.dtype == act and y.shape == (M, shape[0])
