@@ -331,10 +331,10 @@ class Int4Linear(nn.Module):
         """``(s, z - 8 s)``, each [K/g, N_pad] contiguous in ``dtype``, for :meth:`dequantize_t`.
 
         w = (q - 8) * s + z = q * s + (z - 8 s): one fused multiply-add per weight. z - 8s is
-        formed in fp32 and rounded once. Kept after the first prefill (1/16 of the packed
-        weight's bytes in bf16), keyed by the scale tensor so that moving the module
-        invalidates them; contiguous because a strided operand takes addcmul off its vectorized
-        path (5x slower)."""
+        formed in fp32 and rounded once. Kept after the first prefill (in bf16: a quarter of the
+        packed weight's bytes, 12.5 MB for the 270M's layers), keyed by the scale tensor so that
+        moving the module invalidates them; contiguous because a strided operand takes addcmul
+        off its vectorized path (5x slower)."""
         if torch.compiler.is_compiling():  # no host-side cache inside a graph (data_ptr() breaks it)
             sz = self.scales_and_zeros.float()
             return sz[..., 0].to(dtype), (sz[..., 1] - 8 * sz[..., 0]).to(dtype)
