@@ -335,17 +335,17 @@ class Int4Linear(nn.Module):
         packed weight's bytes, 12.5 MB for the 270M's layers), keyed by the scale tensor so that
         moving the module invalidates them; contiguous because a strided operand takes addcmul
         off its vectorized path (5x slower)."""
-        if torch.compiler.is_compiling():  # no host-side cache inside a graph (data_ptr() breaks it)
-            sz = self.scales_and_zeros.float()
-            return sz[..., 0].to(dtype), (sz[..., 1] - 8 * sz[..., 0]).to(dtype)
-        key = (dtype, self.scales_and_zeros.data_ptr())
+        # No host-side cache inside a compiled graph (data_ptr() would break it).
+        key = None if torch.compiler.is_compiling() else (dtype, self.scales_and_zeros.data_ptr())
         cached = self.__dict__.get("_dense_sz")
-        if cached is None or cached[0] != key:
-            sz = self.scales_and_zeros.float()  # [K/g, N_pad, 2]
-            s = sz[..., 0].to(dtype).contiguous()  # [K/g, N_pad]
-            zz = (sz[..., 1] - 8 * sz[..., 0]).to(dtype)  # [K/g, N_pad]
-            cached = self.__dict__["_dense_sz"] = (key, s, zz)
-        return cached[1], cached[2]
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        sz = self.scales_and_zeros.float()  # [K/g, N_pad, 2]
+        s = sz[..., 0].to(dtype).contiguous()  # [K/g, N_pad]
+        zz = (sz[..., 1] - 8 * sz[..., 0]).to(dtype)  # [K/g, N_pad]
+        if key is not None:
+            self.__dict__["_dense_sz"] = (key, s, zz)
+        return s, zz
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
