@@ -489,6 +489,9 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
             if r["info"].get("compile_error"):
                 report["warnings"].append(f"{engine}: torch.compile failed ({r['info']['compile_error']}); "
                                           "it decoded eagerly")
+            elif r["info"].get("cpp_wrapper_error"):
+                report["warnings"].append(f"{engine}: inductor's C++ wrapper failed ({r['info']['cpp_wrapper_error']}); "
+                                          "the step ran with its Python wrapper")
             if results[engine].get("decode_nondeterministic"):
                 report["warnings"].append(f"{engine}: greedy tokens differed between decode repetitions")
             cpu, wall = other[engine]

@@ -176,8 +176,12 @@ class _OpenGemma:
         return times, out
 
     def late_info(self) -> dict:
-        """After the timed runs: whether torch.compile fell back to eager (opengemma.compiled)."""
-        return {"compile_error": self.g.model.compiled_decode.error} if self.compiled else {}
+        """After the timed runs: whether torch.compile fell back to eager, or to inductor's Python
+        wrapper (opengemma.compiled)."""
+        if not self.compiled:
+            return {}
+        cd = self.g.model.compiled_decode
+        return {"compile_error": cd.error, "cpp_wrapper_error": getattr(cd, "cpp_error", None)}
 
     def ppl(self, ids: list[int]) -> float:
         from opengemma import quant

@@ -62,6 +62,29 @@ def test_compile_failure_falls_back_once(monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_cpp_wrapper_failure_falls_back_to_the_python_wrapper(monkeypatch, capsys):
+    calls = []
+
+    def fake_compile(fn, dynamic=None, mode=None, options=None):
+        calls.append(options or mode)
+        if options and options.get("cpp_wrapper"):
+            def broken(*a, **k):
+                raise RuntimeError("C++ compile error: Python.h not found\nmore")
+            return broken
+        return fn  # stands in for the Python-wrapper graph: same numbers
+
+    monkeypatch.setattr(compiled.torch, "compile", fake_compile)
+    model = _tiny()
+    prompt, cont = [2, 9, 4], [7, 8, 9]
+    eager = _teacher_forced(model, prompt, cont)
+    compiled.enable(model)
+    assert torch.equal(_teacher_forced(model, prompt, cont), eager)
+    cd = model.compiled_decode
+    assert calls == [{"cpp_wrapper": True}, "default"]  # one retry, then the Python wrapper stays
+    assert cd.error is None and cd.cpp_error == "RuntimeError: C++ compile error: Python.h not found"
+    assert capsys.readouterr().err == ""
+
+
 def test_compiled_models_bucket_cache_lengths():
     rows = [RowState([1] * 10, 20), RowState([1] * 300, 5)]
     assert cache_length(rows, 8192) == 320  # eager: multiples of 64
