@@ -45,6 +45,16 @@ def test_compiled_decode_equals_eager_past_the_window():
     assert compiled_tokens == list(generate_tokens(model, [prompt], gen))
 
 
+def _compiled_matches_eager() -> GemmaModel:
+    """A tiny model whose decode, through compiled.enable, gives exactly its eager logits."""
+    model = _tiny()
+    prompt, cont = [2, 9, 4], [7, 8, 9]
+    eager = _teacher_forced(model, prompt, cont)
+    compiled.enable(model)
+    assert torch.equal(_teacher_forced(model, prompt, cont), eager)
+    return model
+
+
 def test_compile_failure_falls_back_once(monkeypatch, capsys):
     def broken(fn, **kw):
         def run(*a, **k):
@@ -52,11 +62,7 @@ def test_compile_failure_falls_back_once(monkeypatch, capsys):
         return run
 
     monkeypatch.setattr(compiled.torch, "compile", broken)
-    model = _tiny()
-    prompt, cont = [2, 9, 4], [7, 8, 9]
-    eager = _teacher_forced(model, prompt, cont)
-    compiled.enable(model)
-    assert torch.equal(_teacher_forced(model, prompt, cont), eager)
+    _compiled_matches_eager()
     err = capsys.readouterr().err
     assert err.count("torch.compile failed") == 1 and "RuntimeError: no C++ compiler found" in err
     assert len(err.strip().splitlines()) == 1
@@ -74,11 +80,7 @@ def test_cpp_wrapper_failure_falls_back_to_the_python_wrapper(monkeypatch, capsy
         return fn  # stands in for the Python-wrapper graph: same numbers
 
     monkeypatch.setattr(compiled.torch, "compile", fake_compile)
-    model = _tiny()
-    prompt, cont = [2, 9, 4], [7, 8, 9]
-    eager = _teacher_forced(model, prompt, cont)
-    compiled.enable(model)
-    assert torch.equal(_teacher_forced(model, prompt, cont), eager)
+    model = _compiled_matches_eager()
     cd = model.compiled_decode
     assert calls == [{"cpp_wrapper": True}, "default"]  # one retry, then the Python wrapper stays
     assert cd.error is None and cd.cpp_error == "RuntimeError: C++ compile error: Python.h not found"
