@@ -9,7 +9,6 @@ installed and the hub is reachable). Every prompt goes through the one chat form
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .embedded import embedded_path
 from .errors import OpenGemmaError
 from .model import GemmaModel, build_model, load_weights
 from .tokenizer import Tokenizer
-from . import weight_cache
+from . import process, weight_cache
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -213,10 +212,10 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     ``compile``: run the decode step through ``torch.compile`` (:mod:`opengemma.compiled`; CUDA
     graphs on GPU), falling back to eager with a one-line warning where compiling fails.
 
-    The first call in a process also freezes the garbage collector's view of what exists then
-    (:func:`_freeze_startup_objects`).
+    The first call in a process also applies :func:`opengemma.process.tune` (the garbage
+    collector skips the start-up objects; glibc keeps freed activation memory for reuse).
     """
-    _freeze_startup_objects()
+    process.tune()
     if quantize in (None, "none"):
         quantize = None
     else:
@@ -256,25 +255,6 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
         from . import compiled
         compiled.enable(net)
     return Gemma(net, tokenizer, src.name)
-
-
-_FROZEN = []  # set once the first load has frozen the start-up objects
-
-
-def _freeze_startup_objects() -> None:
-    """``gc.freeze()`` once per process, before the first model is built.
-
-    Importing torch leaves a few hundred thousand GC-tracked objects (modules, functions,
-    classes) that live until exit. Python's final collection at exit walks them all: 0.4-0.5 s of
-    every short run on the 2-core dev machine (`import torch` alone: 0.45 s of teardown, 0.12 s
-    frozen), a quarter of the cold-start budget; and each full collection during a long run walks
-    them again. Frozen objects are skipped by the collector and still freed by reference counting.
-    Only objects that exist at the first load are frozen (the model is built after), so a dropped
-    model's reference cycles are still collected; cyclic garbage the caller made earlier is kept.
-    """
-    if not _FROZEN:
-        gc.freeze()
-        _FROZEN.append(True)
 
 
 def _load_gguf_cached(src: Source, dtype: torch.dtype, device: torch.device) -> tuple[GemmaModel, Tokenizer]:

@@ -317,12 +317,14 @@ class Int4Linear(nn.Module):
         the CPU layout in three vectorized passes: the dense GEMM of a prefill, dequantized on the
         fly. ``[N/64, K, 32]`` bytes hold rows 64b+j / 64b+32+j in their low / high nibbles, so
         writing the two nibble planes into ``[K, N/64, 2, 32]`` is the transpose with 32-byte runs
-        (a 512-token 270M prefill: 250 ms of dequantizing via :meth:`dequantize` -> ~50 ms)."""
+        (a 512-token 270M prefill: 250 ms of dequantizing via :meth:`dequantize` -> ~50 ms). The
+        planes are written straight in ``dtype`` (q <= 15 is exact there): the multiply-add then
+        runs on one dtype, 25% faster in all than on uint8 q (4096x640, bf16: 1.3 vs 1.7 ms)."""
         K, g = self.in_features, self.group_size
         blocks = self.qweight.view(-1, K, 32).permute(1, 0, 2)  # [K, N_pad/64, 32]
-        q = torch.empty(K, blocks.shape[1], 2, 32, dtype=torch.uint8, device=blocks.device)
-        torch.bitwise_and(blocks, 15, out=q[:, :, 0])
-        torch.bitwise_right_shift(blocks, 4, out=q[:, :, 1])
+        q = torch.empty(K, blocks.shape[1], 2, 32, dtype=dtype, device=blocks.device)
+        q[:, :, 0] = blocks & 15
+        q[:, :, 1] = blocks >> 4
         s, zz = self._dense_scales(dtype)
         w = torch.addcmul(zz[:, None, :], q.view(K // g, g, -1), s[:, None, :])  # [K/g, g, N_pad]
         return w.view(K, -1)[:, :self.out_features]  # [K, N]
