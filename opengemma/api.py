@@ -18,7 +18,6 @@ import torch
 
 from . import generate as gen_mod
 from .chat import format_chat
-from .checkpoints import gguf as gguf_ckpt
 from .checkpoints import hf as hf_ckpt
 from .checkpoints import native as native_ckpt
 from .config import PRESETS, GemmaConfig
@@ -112,12 +111,23 @@ def _hub_download(repo_id: str) -> Path:
     return Path(local)
 
 
+def _checkpoint_module(kind: str):
+    """The reader of one checkpoint kind. The GGUF one is imported on first use: it imports the
+    ``gguf`` package (~45 ms of every start-up), which a load served by the converted-weight cache
+    never needs."""
+    if kind == "gguf":
+        from .checkpoints import gguf as gguf_ckpt
+
+        return gguf_ckpt
+    return {"hf": hf_ckpt, "native": native_ckpt}[kind]
+
+
 def load_config(model: str | os.PathLike | None) -> GemmaConfig:
     """Only the config (no weights read): for `opengemma info`."""
     src = resolve(model)
     if src.kind == "preset":
         return PRESETS[src.name]
-    return {"gguf": gguf_ckpt, "hf": hf_ckpt, "native": native_ckpt}[src.kind].read_config(src.path)
+    return _checkpoint_module(src.kind).read_config(src.path)
 
 
 def load_tokenizer(src: Source, config: GemmaConfig) -> Tokenizer:
@@ -245,7 +255,7 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     elif src.kind == "gguf" and weight_cache.enabled():
         net, tokenizer = _load_gguf_cached(src, dt, dev)
     else:
-        module = {"gguf": gguf_ckpt, "hf": hf_ckpt, "native": native_ckpt}[src.kind]
+        module = _checkpoint_module(src.kind)
         config, state_dict = module.load(src.path, dtype=dt)
         net = load_weights(config, state_dict, dtype=dt, device=dev)
         tokenizer = load_tokenizer(src, net.config)
@@ -263,11 +273,11 @@ def _load_gguf_cached(src: Source, dtype: torch.dtype, device: torch.device) -> 
     hit = weight_cache.read(entry)
     if hit is not None and hit[2] is not None:
         config, state_dict, tok_bytes, _ = hit
-        tok_file = entry / "tokenizer.model"
-        return load_weights(config, state_dict, dtype=dtype, device=device), Tokenizer.from_file(tok_file)
-    config, state_dict = gguf_ckpt.load(src.path, dtype=dtype)
+        tokenizer = Tokenizer.from_file(entry / "tokenizer.model", vocab=weight_cache.read_vocab(entry))
+        return load_weights(config, state_dict, dtype=dtype, device=device), tokenizer
+    config, state_dict = _checkpoint_module("gguf").load(src.path, dtype=dtype)
     tokenizer = Tokenizer.from_gguf(src.path)
-    weight_cache.write(entry, config, state_dict, tokenizer.model_bytes())
+    weight_cache.write(entry, config, state_dict, tokenizer.model_bytes(), vocab=tokenizer.vocab_arrays())
     return load_weights(config, state_dict, dtype=dtype, device=device), tokenizer
 
 
@@ -282,11 +292,13 @@ def _load_gguf_quantized_cached(src: Source, mode: str, dtype: torch.dtype) -> t
     if hit is not None and hit[2] is not None and "plan" in hit[3]:
         config, tensors, _, extra = hit
         try:
-            return quant_store.from_flat(config, tensors, extra["plan"]), Tokenizer.from_file(entry / "tokenizer.model")
+            tokenizer = Tokenizer.from_file(entry / "tokenizer.model", vocab=weight_cache.read_vocab(entry))
+            return quant_store.from_flat(config, tensors, extra["plan"]), tokenizer
         except OpenGemmaError:
             pass  # a damaged entry: convert again (and replace it)
     config, net = quant_gguf.quantized_from_gguf(src.path, mode, dtype=dtype, device="cpu")
     tokenizer = Tokenizer.from_gguf(src.path)
     tensors, plan = quant_store.to_flat(net)
-    weight_cache.write(entry, config, tensors, tokenizer.model_bytes(), extra={"plan": plan})
+    weight_cache.write(entry, config, tensors, tokenizer.model_bytes(), extra={"plan": plan},
+                       vocab=tokenizer.vocab_arrays())
     return net, tokenizer

@@ -2,7 +2,8 @@
 
 Converting a GGUF (dequantizing, undoing llama.cpp's conventions, optionally re-quantizing for
 the packed int8/int4 kernels) costs seconds; reading the result back costs milliseconds. The
-cache keeps the model's final state dict as safetensors plus its config and tokenizer, keyed by
+cache keeps the model's final state dict as safetensors plus its config and tokenizer (its model
+file and, for a fast start, its vocabulary as two arrays), keyed by
 the SHA-256 of the source file's content and the conversion options. It is read back
 memory-mapped: tensors are views of the page cache, copied only when written to
 (copy-on-write), so start-up does not read 1 GB it may not yet need.
@@ -28,8 +29,9 @@ from safetensors.torch import save_file
 
 from .config import GemmaConfig
 
-# Bump when converted tensors would differ for the same source and options (2: least-squares int4 grids).
-FORMAT_VERSION = 2
+# Bump when converted tensors would differ for the same source and options (2: least-squares int4
+# grids; 3: entries also hold the tokenizer's vocabulary arrays, vocab.safetensors).
+FORMAT_VERSION = 3
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I8": np.int8, "U8": np.uint8,
               "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
@@ -102,8 +104,18 @@ def read(entry: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], bytes | Non
         return None
 
 
+def read_vocab(entry: Path) -> dict[str, np.ndarray] | None:
+    """The tokenizer's vocabulary arrays stored with a conversion (``Tokenizer.vocab_arrays``), if any."""
+    try:
+        from safetensors.numpy import load_file
+
+        return load_file(str(entry / "vocab.safetensors"))
+    except Exception:  # absent or damaged: the tokenizer asks sentencepiece instead
+        return None
+
+
 def write(entry: Path, config: GemmaConfig, state_dict: dict[str, torch.Tensor], tokenizer_bytes: bytes | None,
-          extra: dict | None = None) -> None:
+          extra: dict | None = None, vocab: dict[str, np.ndarray] | None = None) -> None:
     """Store a conversion atomically; failures (disk full, read-only home) only cost the cache."""
     tmp = None
     try:
@@ -113,6 +125,10 @@ def write(entry: Path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],
         save_file(tensors, str(tmp / "model.safetensors"))
         if tokenizer_bytes is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer_bytes)
+        if vocab is not None:
+            from safetensors.numpy import save_file as save_numpy
+
+            save_numpy(vocab, str(tmp / "vocab.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"config": config.to_dict(), "extra": extra or {}}))
         for file in tmp.iterdir():
             with open(file, "rb") as f:

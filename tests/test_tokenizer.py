@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import opengemma.tokenizer as tok_mod
 from opengemma.errors import OpenGemmaError
 from opengemma.tokenizer import (
     BYTE,
@@ -336,6 +338,27 @@ def test_from_file_round_trips_the_embedded_vocabulary(tokenizer, tmp_path):
     for text in TRICKY + ["<start_of_turn>user\nhi<end_of_turn>"]:
         assert tok.encode(text) == tokenizer.encode(text)
         assert tok.encode_plain(text) == tokenizer.encode_plain(text)
+
+
+def test_from_file_with_cached_vocab_equals_without(tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(tokenizer.model_bytes())
+    vocab = tokenizer.vocab_arrays()
+    asked = []
+    monkeypatch.setattr(tok_mod.spm.SentencePieceProcessor, "id_to_piece",
+                        lambda self, ids: asked.append(ids) or self.IdToPiece(ids))
+    tok = Tokenizer.from_file(path, vocab=vocab)
+    assert all(len(ids) <= 67 for ids in asked)  # only the spot check, never all 262k pieces
+    assert tok._pieces == tokenizer._pieces and np.array_equal(tok._types, tokenizer._types)
+    text = "<start_of_turn>user\nhi \u2581 caf\u00e9<end_of_turn>" + "".join(TRICKY)
+    assert tok.encode(text) == tokenizer.encode(text) and tok.decode(tok.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+    # arrays that do not belong to this model are ignored (then sentencepiece is asked for everything)
+    wrong = dict(vocab, pieces=np.frombuffer("\0".join(tokenizer._pieces[::-1]).encode(), np.uint8))
+    short = dict(vocab, types=vocab["types"][:-1])
+    for bad in (wrong, short, {"pieces": vocab["pieces"]}):
+        asked.clear()
+        tok = Tokenizer.from_file(path, vocab=bad)
+        assert tok._pieces == tokenizer._pieces and max(len(ids) for ids in asked) == tokenizer.vocab_size
 
 
 def test_from_file_errors(tmp_path):

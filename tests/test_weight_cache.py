@@ -33,6 +33,9 @@ def test_hit_equals_fresh_conversion_and_is_memory_mapped(cache_dir, gguf_path):
     assert second.tokenizer.encode("Hello <start_of_turn>") == first.tokenizer.encode("Hello <start_of_turn>")
     mapped = weight_cache.load_mmap_safetensors(_entries(cache_dir)[0] / "model.safetensors")
     assert torch.equal(mapped["embed.weight"][:4], first.model.embed.weight[:4])
+    vocab = weight_cache.read_vocab(_entries(cache_dir)[0])  # the tokenizer's arrays: a fast start
+    assert vocab is not None and len(vocab["types"]) == second.tokenizer.vocab_size
+    assert second.tokenizer._pieces == first.tokenizer._pieces
 
 
 def test_key_follows_content_and_options(cache_dir, gguf_path, tmp_path):
