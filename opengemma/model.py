@@ -266,17 +266,28 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, step: _Step | None, layer: int):
         cfg = self.config
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        if self.qkv_proj is not None and cfg.qk_norm:
+            # Stacked q/k/v (quantized models): the q and k heads are adjacent, so they are normed
+            # and rotated in one call each instead of two (the same numbers; 18 layers x ~8 fewer
+            # kernels per decode step).
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)  # [B, T, H+2KV, D]
+            qk = self._qk_norm(qkv[:, :, :H + KV])
+            qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, H+KV, D]
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, KV, T, D]
+            v = qkv[:, :, H + KV:].transpose(1, 2)  # [B, KV, T, D]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            k = k.view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+            v = v.view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         if step is not None:
             k, v, mask = step.update(layer, self.local, k, v)  # [B, KV, S, D]
         # On the CPU, outside autograd, matmuls beat the CPU flash kernel: for one new token (it is
@@ -291,6 +302,20 @@ class Attention(nn.Module):
         else:
             out = self._matmul_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the first H heads of ``qk`` [B, T, H+KV, D] and k_norm on the rest, as one
+        norm and one multiply by the stacked ``1 + w`` [H+KV, D]: what each RMSNorm computes
+        (x * rsqrt(mean(x^2) + eps), then the scale, in fp32, rounded once), so the same numbers."""
+        H, KV, D = self.config.n_heads, self.config.n_kv_heads, self.config.head_dim
+        sq, sk = self.q_norm._scale(), self.k_norm._scale()
+        cached = self.__dict__.get("_qk_scale_cache")
+        if cached is None or cached[0] is not sq or cached[1] is not sk:
+            cached = (sq, sk, torch.cat([sq.expand(H, D), sk.expand(KV, D)]))  # [H+KV, D]
+            if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):  # _scale() is cached then
+                self.__dict__["_qk_scale_cache"] = cached
+        normed = F.rms_norm(qk.float(), (D,), None, self.q_norm.eps)  # [B, T, H+KV, D]
+        return (normed * cached[2]).type_as(qk)
 
     def _causal_attention(self, q, k, v):
         """Causal attention over the new keys only (mask None: a prompt's first chunk), as matmuls

@@ -176,7 +176,8 @@ def test_q4_k_direct_real_tensor(gguf_path):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_fused_projections_equal_separate(mode):
-    # Stacking q/k/v and gate/up is a change of storage only: every output is the same dot product.
+    # Stacking q/k/v and gate/up is a change of storage only: every output is the same dot product
+    # (and the stacked q/k heads, normed and rotated in one call, get the same numbers).
     from opengemma.config import PRESETS
     from opengemma.generate import decode_step, prefill
     from opengemma.model import GemmaModel
