@@ -13,7 +13,9 @@ fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped whe
   tokenizer from the GGUF; ``llama_cpp.Llama(...)``); the engine's import is timed separately.
 * **cold start to first token** -- a fresh ``python -c`` that imports the engine, loads the model
   (with the variant's options) and generates one token, timed spawn to exit; ``--cold-runs``
-  times, the last reported (warm OS file cache: start-up cost, not disk); peak RSS from ``wait4``.
+  (4) rounds over the engines, the first warming the OS file cache (start-up cost, not disk), the
+  median of the others reported (one run is a noisy sample on a shared VM: ±0.4 s); peak RSS from
+  ``wait4``, the largest of the counted runs.
   The first token comes from the prefill, so a compiled decode step is compiled later, in the
   warm-up decode (``warmup_decode_s``, "first decode call" in the second table).
 * **prefill** -- one forward over a fixed ``--prompt-tokens`` prompt into a fresh KV cache, logits
@@ -69,7 +71,7 @@ if str(HERE) not in sys.path:
 
 from machine import BUSY_CORES, CpuMeter, git_state, machine_info, wait_idle  # noqa: E402 (stdlib only)
 from inference_engines import (ENGINES, REFERENCE, VARIANTS, Worker,  # noqa: E402 (stdlib only)
-                               engine_available, run_cold_start)
+                               engine_available, run_cold_start_once, summarize_cold_starts)
 
 PEERS = ("llama.cpp", "transformers")  # the ratio columns
 DEFAULT_PPL_TEXT = HERE.parent.parent / "shared" / "reference" / "gemma-technical-report.txt"
@@ -115,9 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed decode repetitions after a short warm-up; the median tokens/s is "
                         "reported (default 3, 1 with --quick)")
     p.add_argument("--cold-runs", type=int, default=None,
-                   help="fresh-process 'import + load + 1 token' runs per engine; the last one is "
-                        "reported so the OS file cache is warm; 0 skips cold start (default 2, 1 with "
-                        "--quick)")
+                   help="fresh-process 'import + load + 1 token' runs per engine, in rounds over the "
+                        "engines; the first warms the OS file cache, the median of the others is "
+                        "reported; 0 skips cold start (default 4, 1 with --quick)")
     p.add_argument("--ppl-text", default=str(DEFAULT_PPL_TEXT), metavar="FILE",
                    help="text whose first --ppl-tokens tokens give the perplexity figure (the prompt's "
                         "paragraphs when FILE does not exist)")
@@ -147,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"prompt_tokens": (512, 128), "decode_tokens": (128, 16), "prefill_reps": (5, 2),
-                "decode_reps": (3, 1), "cold_runs": (2, 1)}
+                "decode_reps": (3, 1), "cold_runs": (4, 1)}
     for name, (full, fast) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, fast if quick else full)
@@ -357,8 +359,8 @@ def write_record(report: dict, text: str, name: str) -> tuple[Path, Path]:
           "llama.cpp as it is)",
           "- opengemma variants: " + "; ".join(variants),
           f"- settings: batch 1, prompt {s['prompt_tokens']} tokens, decode {s['decode_tokens']} tokens greedy, "
-          f"{s['prefill_reps']} prefill reps, {s['decode_reps']} decode reps, cold start run "
-          f"{s['cold_runs']} of {s['cold_runs']}, perplexity on {s['ppl_tokens']} tokens of {s.get('ppl_source', '?')}"
+          f"{s['prefill_reps']} prefill reps, {s['decode_reps']} decode reps, cold start "
+          f"{_cold_runs_text(s['cold_runs'])}, perplexity on {s['ppl_tokens']} tokens of {s.get('ppl_source', '?')}"
           f"{', --quick' if s['quick'] else ''}",
           f"- command: `{report['command']}`",
           f"- opengemma: commit {report['git']['commit']}"
@@ -386,6 +388,12 @@ def write_record(report: dict, text: str, name: str) -> tuple[Path, Path]:
 
 def log(msg: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _cold_runs_text(n: int) -> str:
+    if n <= 1:
+        return "1 run"
+    return f"median of runs 2-{n} of {n}, engines in rounds" if n > 2 else "run 2 of 2"
 
 
 def _rotate(items: list, k: int) -> list:
@@ -522,19 +530,35 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
 
     if not args.cold_runs:
         return
-    for engine in args.engines:
+    # Rounds over the engines (the first going first rotates), as for the timed measurements: a
+    # burst of other work on the machine hits every engine alike instead of one engine's runs.
+    engines = [e for e in args.engines if "summary" in results[e]]
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    other: dict[str, list[float]] = {e: [] for e in engines}
+    broken: dict[str, str] = {}
+    for r in range(args.cold_runs):
+        log(f"cold start round {r + 1} of {args.cold_runs} ...", t0)
+        for engine in _rotate(engines, r):
+            if engine in broken:
+                continue
+            maybe_wait_idle(args, t0)
+            meter = CpuMeter()
+            one = run_cold_start_once(engine, settings["gguf"], args.threads, args.timeout)
+            if "error" in one:
+                broken[engine] = one["error"]
+                print(f"{engine}: cold start FAILED\n{one['error']}", file=sys.stderr, flush=True)
+                continue
+            other[engine].append(meter.other_cores())
+            runs[engine].append(one)
+    for engine in engines:
         res = results[engine]
-        if "summary" not in res:
+        if engine in broken:
+            res["cold_start"] = {"error": broken[engine], "runs_s": [x["s"] for x in runs[engine]]}
             continue
-        maybe_wait_idle(args, t0)
-        log(f"{engine}: cold start x{args.cold_runs} ...", t0)
-        meter = CpuMeter()
-        cold = run_cold_start(engine, settings["gguf"], args.threads, args.cold_runs, args.timeout)
-        cold["other_load_cores"] = meter.other_cores()
+        cold = summarize_cold_starts(runs[engine])
+        counted = other[engine][1:] or other[engine]
+        cold["other_load_cores"] = sum(counted) / len(counted)
         res["cold_start"] = cold
-        if "error" in cold:
-            print(f"{engine}: cold start FAILED\n{cold['error']}", file=sys.stderr, flush=True)
-            continue
         res["summary"].update(cold_s=cold["s"], cold_peak_rss_mib=cold["peak_rss_mib"],
                               cold_other_load_cores=cold["other_load_cores"])
         log(f"{engine}: cold start {cold['s']:.2f} s (runs {', '.join(f'{x:.2f}' for x in cold['runs_s'])})", t0)

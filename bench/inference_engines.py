@@ -6,7 +6,7 @@ parent. The parent sends the settings as one JSON line on stdin, then commands, 
 each; every reply is one JSON line on the file descriptor REPLY_FD (stdout and stderr stay free for
 the engines' own chatter). Commands: ``prefill``, ``decode`` (``steps``), ``stats`` (peak RSS so
 far), ``ppl`` (perplexity on the fixed text, untimed; a failure is reported and the worker goes
-on) and ``finish``. The cold-start processes (``python -c``, :func:`run_cold_start`) import this
+on) and ``finish``. The cold-start processes (``python -c``, :func:`run_cold_start_once`) import this
 module and call :func:`cold_start`. Importing this module takes only the standard library: each
 engine imports its own packages (torch included) when it is built, so a llama.cpp cold start never
 pays for torch.
@@ -546,40 +546,47 @@ class Worker:
         self.log.close()
 
 
-def run_cold_start(engine: str, gguf: str, threads: int, n_runs: int, timeout: float) -> dict:
-    """Spawn-to-exit wall time of 'import + load + 1 token' in ``n_runs`` fresh processes, one after
-    the other; the last run is reported. wait4 gives each child's own peak RSS."""
+def run_cold_start_once(engine: str, gguf: str, threads: int, timeout: float) -> dict:
+    """Spawn-to-exit wall time of 'import + load + 1 token' in one fresh process: ``{"s",
+    "peak_rss_mib"}`` (wait4 gives the child's own peak RSS), or ``{"error"}``."""
     import subprocess
     import tempfile
 
-    runs = []
-    for _ in range(n_runs):
-        code = cold_start_code(engine, gguf, threads)
-        errf = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child cannot block on it
-        t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", code], env=child_env(threads),
-                                stdout=subprocess.DEVNULL, stderr=errf)
-        # wait4 (not proc.wait) so that the child's own resource usage comes back with its status.
-        deadline = t + timeout
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, ru = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.005)
-        wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        errf.seek(0)
-        err = errf.read().decode(errors="replace")
-        errf.close()
-        if proc.returncode != 0:
-            tail = "\n".join(err.strip().splitlines()[-10:])
-            return {"error": f"cold start exited with {proc.returncode}:\n{tail}", "runs_s": [r["s"] for r in runs]}
-        runs.append({"s": wall, "peak_rss_mib": ru.ru_maxrss / 1024})
-    return {"runs_s": [r["s"] for r in runs], "s": runs[-1]["s"], "peak_rss_mib": runs[-1]["peak_rss_mib"]}
+    code = cold_start_code(engine, gguf, threads)
+    errf = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child cannot block on it
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], env=child_env(threads),
+                            stdout=subprocess.DEVNULL, stderr=errf)
+    # wait4 (not proc.wait) so that the child's own resource usage comes back with its status.
+    deadline = t + timeout
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            pid, status, ru = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.005)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    errf.seek(0)
+    err = errf.read().decode(errors="replace")
+    errf.close()
+    if proc.returncode != 0:
+        tail = "\n".join(err.strip().splitlines()[-10:])
+        return {"error": f"cold start exited with {proc.returncode}:\n{tail}"}
+    return {"s": wall, "peak_rss_mib": ru.ru_maxrss / 1024}
+
+
+def summarize_cold_starts(runs: list[dict]) -> dict:
+    """The first run warms the OS file cache and is not counted (unless it is the only one); the
+    reported time is the median of the others, the peak RSS their largest."""
+    counted = runs[1:] or runs
+    times = sorted(r["s"] for r in counted)
+    return {"runs_s": [r["s"] for r in runs], "s": times[len(times) // 2] if len(times) % 2 else
+            (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2,
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in counted), "counted_runs": len(counted)}
 
 
 if __name__ == "__main__":
