@@ -51,7 +51,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "channel or int4 in groups of 32 (GGUF 4-bit tensors load as int4 directly)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (CUDA graphs on GPU); the first "
-                        "generation pays the compile time (tens of seconds on a CPU), later ones reuse it")
+                        "generation in a process pays the compile time (on a CPU about a minute for a new "
+                        "cache size, 10-15 s once inductor's disk cache has it), later ones reuse it: "
+                        "worth it for long generations and servers, not for a short one-off")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
