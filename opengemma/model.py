@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) * w in fp32 as the reference
-        # does (bit-identical outputs, 3-5x fewer kernels: the decode step runs 108 of these).
+        # does (bit-identical outputs, 3-5x fewer kernels: a decode step runs about a hundred).
         # Scale before casting back (not after): keeps bf16 outputs equal to the reference's.
         return F.rms_norm(x.float(), (x.shape[-1],), self._scale(), self.eps).type_as(x)
 
@@ -185,9 +185,9 @@ class _Step:
 
         Then each query sees exactly the new keys up to itself (older cache contents hold no
         position below T, or only padding), so attention is plain causal attention over the new
-        keys: SDPA's ``is_causal`` skips the masked half of the scores (the 270M's 512-token
-        prefill spent 38% of its time in masked attention over [ring; new] = 1,025 keys per local
-        layer). Only where fused attention applies (no soft-cap) and, like :meth:`visible_slots`,
+        keys, which skips the masked half of the scores (:meth:`Attention._causal_attention`; the
+        270M's 512-token prefill had spent 38% of its time in masked attention over [ring; new] =
+        1,025 keys per local layer). Only where fused attention applies (no soft-cap) and, like :meth:`visible_slots`,
         on the CPU outside torch.compile, where the host read is free.
         """
         T = input_pos.shape[1]
@@ -308,14 +308,9 @@ class Attention(nn.Module):
         norm and one multiply by the stacked ``1 + w`` [H+KV, D]: what each RMSNorm computes
         (x * rsqrt(mean(x^2) + eps), then the scale, in fp32, rounded once), so the same numbers."""
         H, KV, D = self.config.n_heads, self.config.n_kv_heads, self.config.head_dim
-        sq, sk = self.q_norm._scale(), self.k_norm._scale()
-        cached = self.__dict__.get("_qk_scale_cache")
-        if cached is None or cached[0] is not sq or cached[1] is not sk:
-            cached = (sq, sk, torch.cat([sq.expand(H, D), sk.expand(KV, D)]))  # [H+KV, D]
-            if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):  # _scale() is cached then
-                self.__dict__["_qk_scale_cache"] = cached
+        scale = torch.cat([self.q_norm._scale().expand(H, D), self.k_norm._scale().expand(KV, D)])  # [H+KV, D]
         normed = F.rms_norm(qk.float(), (D,), None, self.q_norm.eps)  # [B, T, H+KV, D]
-        return (normed * cached[2]).type_as(qk)
+        return (normed * scale).type_as(qk)
 
     def _causal_attention(self, q, k, v):
         """Causal attention over the new keys only (mask None: a prompt's first chunk), as matmuls

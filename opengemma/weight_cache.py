@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from .config import GemmaConfig
@@ -107,9 +109,7 @@ def read(entry: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], bytes | Non
 def read_vocab(entry: Path) -> dict[str, np.ndarray] | None:
     """The tokenizer's vocabulary arrays stored with a conversion (``Tokenizer.vocab_arrays``), if any."""
     try:
-        from safetensors.numpy import load_file
-
-        return load_file(str(entry / "vocab.safetensors"))
+        return load_numpy(str(entry / "vocab.safetensors"))
     except Exception:  # absent or damaged: the tokenizer asks sentencepiece instead
         return None
 
@@ -126,8 +126,6 @@ def write(entry: Path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],
         if tokenizer_bytes is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer_bytes)
         if vocab is not None:
-            from safetensors.numpy import save_file as save_numpy
-
             save_numpy(vocab, str(tmp / "vocab.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"config": config.to_dict(), "extra": extra or {}}))
         for file in tmp.iterdir():
