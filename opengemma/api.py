@@ -24,7 +24,8 @@ from .config import PRESETS, GemmaConfig
 from .embedded import NAME as EMBEDDED_NAME
 from .embedded import embedded_path
 from .errors import OpenGemmaError
-from .model import GemmaModel, build_model, load_weights
+from .checkpoints import load_weights
+from .model import GemmaModel, build_model
 from .tokenizer import Tokenizer
 from . import process, weight_cache
 

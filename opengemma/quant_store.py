@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import GemmaConfig
+from .fusion import adopt_stacked
 from .errors import OpenGemmaError
 from .quant import Int4Linear, Int8Linear, QuantizedEmbedding
 
@@ -74,11 +75,7 @@ def from_flat(config: GemmaConfig, tensors: dict[str, torch.Tensor], plan: dict)
             else:
                 mod = _build(f"{name}.", spec, tensors, used)
             setattr(parent, attr, mod)
-        for block in model.layers:  # stacked projections replace their parts
-            if block.attn.qkv_proj is not None:
-                del block.attn.q_proj, block.attn.k_proj, block.attn.v_proj
-            if block.mlp.gate_up_proj is not None:
-                del block.mlp.gate_proj, block.mlp.up_proj
+        adopt_stacked(model)  # stacked projections replace their parts
         for name, p in list(model.named_parameters()):
             mod_name, _, attr = name.rpartition(".")
             used.add(name)

@@ -163,3 +163,17 @@ def tokenizer_file(path) -> Path | None:
     path = Path(path)
     candidate = path / "tokenizer.model" if path.is_dir() else None
     return candidate if candidate is not None and candidate.is_file() else None
+
+
+def load_weights(config: GemmaConfig, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+    """A :class:`~opengemma.model.GemmaModel` built on ``meta`` that adopts the checkpoint's tensors:
+    strict (names and shapes checked first, one clear line on a mismatch), no random init, no
+    copies beyond the dtype/device conversion. In eval mode."""
+    from ..model import build_model
+
+    check_state_dict(config, state_dict, "checkpoint")
+    model = build_model(config, device="meta")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

@@ -106,9 +106,9 @@ def default_data_dir(args) -> str | None:
 
 
 def _bar(total: int, desc: str):
-    from ..progress import Progress
+    from tqdm import tqdm
 
-    return Progress(total, desc, unit="items", scale=1)
+    return tqdm(total=total, desc=desc, unit="item", disable=None)  # None: off when stderr is not a terminal
 
 
 def _read_lines(path: str, field: str) -> list[str]:
