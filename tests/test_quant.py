@@ -260,10 +260,13 @@ def test_embedded_model_int8_greedy_follows_fp32(quantized, fp32_greedy):
     clear = 0
     for ids, ref, gaps in fp32_greedy:
         # Teacher-forced on fp32's tokens: int8 picks the same token at every step that is not a near-tie.
+        # (Or int8's own logits tie exactly, fp32's token among the tied: the packed kernels return bf16,
+        # and argmax then takes the lower id. Seen on an AMX Xeon: a 0.445 fp32 gap rounded to one value.)
         _, logits = _stepwise(model, ids, forced=ref)
         picked = logits.argmax(-1).tolist()
         for i, (a, b, gap) in enumerate(zip(picked, ref, gaps)):
-            assert a == b or gap < NEAR_TIE, f"step {i}: int8 {a} vs fp32 {b}, fp32 gap {gap:.3f}"
+            tied = bool(logits[i, b] == logits[i, a])
+            assert a == b or gap < NEAR_TIE or tied, f"step {i}: int8 {a} vs fp32 {b}, fp32 gap {gap:.3f}"
         # Free-running: where fp32 has no near-tie in the first 16 steps, the greedy texts are equal.
         if min(gaps) >= NEAR_TIE:
             clear += 1
