@@ -9,6 +9,8 @@ installed and the hub is reachable). Every prompt goes through the one chat form
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from .embedded import embedded_path
 from .errors import OpenGemmaError
 from .checkpoints import load_weights
 from .model import GemmaModel, build_model
+from .sp_vocab import NORMAL, UNUSED, _fields, _len_field, _parse_pieces
 from .tokenizer import Tokenizer
 from . import process, weight_cache
 
@@ -76,7 +79,10 @@ def resolve(model: str | os.PathLike | None) -> Source:
         path = embedded_path()
         return Source("gguf", path, EMBEDDED_NAME)
     text = str(model)
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~name" of no known user: not a path then
+        path = Path(text)
     if path.is_file():
         if path.suffix == ".gguf" or _is_gguf(path):
             return Source("gguf", path, path.name)
@@ -138,12 +144,54 @@ def load_tokenizer(src: Source, config: GemmaConfig) -> Tokenizer:
         return Tokenizer.from_file(src.path / "tokenizer.model")
     # Presets and directories without a tokenizer: Gemma's vocabularies share their first
     # 256k pieces, so the embedded tokenizer serves any model whose ids it covers.
-    tok = Tokenizer.from_gguf(embedded_path())
+    tok = _embedded_tokenizer(embedded_path())
+    where = f"in {src.path}" if src.path else f"for preset {src.name!r}"
     if config.vocab_size > tok.vocab_size + 64:
-        where = f"in {src.path}" if src.path else f"for preset {src.name!r}"
         raise OpenGemmaError(f"no tokenizer.model {where}, and the embedded tokenizer does not cover "
                              f"{config.vocab_size} ids")
+    if config.vocab_size < tok.vocab_size:
+        return _first_pieces(tok, config.vocab_size, where)
     return tok
+
+
+@functools.lru_cache(maxsize=2)
+def _embedded_tokenizer(path: Path) -> Tokenizer:
+    """The embedded GGUF's tokenizer (0.5 s to build), once per process: presets load it each time."""
+    return Tokenizer.from_gguf(path)
+
+
+def _first_pieces(tok: Tokenizer, n: int, where: str) -> Tokenizer:
+    """The tokenizer cut down to its first ``n`` pieces, for a smaller model (the tiny presets'
+    512 ids).
+
+    Why this rather than widening the model's vocabulary to the tokenizer's: the model stays
+    exactly the shape its name and `opengemma info` give, and the cut is still a complete Gemma
+    tokenizer. Gemma 3's first 512 ids hold every control token (<bos>, <eos>, <start_of_turn>,
+    <end_of_turn>, ...), the newline and whitespace-run pieces and all 256 byte pieces, so
+    sentencepiece's byte fallback encodes any text with ids below ``n``, and the chat format's
+    ids are the full tokenizer's.
+
+    Two changes make it a tokenizer every implementation reads alike. The ordinary (merged)
+    pieces that made the cut ("▁t", "he", ...; 18 of 512) are marked unused: their parts (single
+    letters) did not make it, and sentencepiece would still merge letters into them while
+    transformers and llama.cpp, which build merges from pieces, never could. And "▁" (an escaped
+    space, id 236,743 in the full vocabulary) takes the last of those slots, since a space that
+    fell back to bytes would decode as a literal U+2581 (see :mod:`opengemma.tokenizer`). Text is
+    then spaces, byte pieces and the user-defined pieces: an exported tiny model (`opengemma
+    convert tiny-gemma3 DIR --to hf`) tokenizes the same in transformers."""
+    specials = {"<bos>": tok.bos_id, "<eos>": tok.eos_id, "<unk>": tok.unk_id, "<pad>": tok.pad_id}
+    if too_high := [name for name, i in specials.items() if i >= n]:
+        raise OpenGemmaError(f"no tokenizer.model {where}, and the model's {n} ids are too few for the embedded "
+                             f"tokenizer's {', '.join(too_high)} (id {max(specials[k] for k in too_high)})")
+    # The ModelProto lists its pieces first: parse only the first n, not all 262,144 (0.8 s).
+    head = itertools.islice((message for field, message in _fields(tok.model_bytes()) if field == 1), n)
+    pieces, scores, types = _parse_pieces(b"".join(_len_field(1, message) for message in head))
+    ordinary = [i for i, t in enumerate(types.tolist()) if t == NORMAL and pieces[i] != "\u2581"]
+    types[ordinary] = UNUSED
+    if "\u2581" not in pieces and ordinary:
+        pieces[ordinary[-1]], types[ordinary[-1]] = "\u2581", NORMAL
+    return Tokenizer(pieces, scores, types, bos_id=tok.bos_id, eos_id=tok.eos_id, unk_id=tok.unk_id,
+                     pad_id=tok.pad_id)
 
 
 class Gemma:
@@ -268,17 +316,26 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     return Gemma(net, tokenizer, src.name)
 
 
+# Marks a cache entry whose conversion checked every weight (checkpoints.check_finite): such an
+# entry is trusted as it is, since its key is the SHA-256 of the source file's content -- the same
+# bytes get the same verdict. Checking again at each start would read the whole memory-mapped
+# entry (1.1 GB fp32 for the 270M) and undo the cache's fast cold start. An entry without the mark
+# (written before the check existed) is converted again, once, which checks it.
+_CHECKED = "weights_checked"
+
+
 def _load_gguf_cached(src: Source, dtype: torch.dtype, device: torch.device) -> tuple[GemmaModel, Tokenizer]:
     """GGUF through the converted-weight cache: convert once, then memory-map the result."""
     entry = weight_cache.entry_dir(src.path, dtype=str(dtype))
     hit = weight_cache.read(entry)
-    if hit is not None and hit[2] is not None:
+    if hit is not None and hit[2] is not None and hit[3].get(_CHECKED):
         config, state_dict, tok_bytes, _ = hit
         tokenizer = Tokenizer.from_file(entry / "tokenizer.model", vocab=weight_cache.read_vocab(entry))
         return load_weights(config, state_dict, dtype=dtype, device=device), tokenizer
     config, state_dict = _checkpoint_module("gguf").load(src.path, dtype=dtype)
     tokenizer = Tokenizer.from_gguf(src.path)
-    weight_cache.write(entry, config, state_dict, tokenizer.model_bytes(), vocab=tokenizer.vocab_arrays())
+    weight_cache.write(entry, config, state_dict, tokenizer.model_bytes(), extra={_CHECKED: True},
+                       vocab=tokenizer.vocab_arrays())
     return load_weights(config, state_dict, dtype=dtype, device=device), tokenizer
 
 
@@ -290,7 +347,7 @@ def _load_gguf_quantized_cached(src: Source, mode: str, dtype: torch.dtype) -> t
 
     entry = weight_cache.entry_dir(src.path, dtype=str(dtype), quantize=mode, torch=torch.__version__)
     hit = weight_cache.read(entry)
-    if hit is not None and hit[2] is not None and "plan" in hit[3]:
+    if hit is not None and hit[2] is not None and "plan" in hit[3] and hit[3].get(_CHECKED):
         config, tensors, _, extra = hit
         try:
             tokenizer = Tokenizer.from_file(entry / "tokenizer.model", vocab=weight_cache.read_vocab(entry))
@@ -300,6 +357,6 @@ def _load_gguf_quantized_cached(src: Source, mode: str, dtype: torch.dtype) -> t
     config, net = quant_gguf.quantized_from_gguf(src.path, mode, dtype=dtype, device="cpu")
     tokenizer = Tokenizer.from_gguf(src.path)
     tensors, plan = quant_store.to_flat(net)
-    weight_cache.write(entry, config, tensors, tokenizer.model_bytes(), extra={"plan": plan},
+    weight_cache.write(entry, config, tensors, tokenizer.model_bytes(), extra={"plan": plan, _CHECKED: True},
                        vocab=tokenizer.vocab_arrays())
     return net, tokenizer

@@ -6,40 +6,110 @@
   convert   GGUF / Hugging Face / opengemma checkpoints into opengemma or Hugging Face layout
   serve     an OpenAI-compatible HTTP server with continuous batching (opengemma.serve)
   eval      the report's benchmarks, memorization and side-by-side evaluation (opengemma.eval)
+  cache     list or clear the converted-weight cache (opengemma.weight_cache)
 
 Every problem with the user's input ends as one line on stderr and exit status 1 (2 for
-argument errors, from argparse); interrupts exit with 130. Without --model, the embedded
-Gemma 3 270M is used.
+argument errors, from argparse); interrupts exit with 130. Flag values are checked by the
+argparse types below (ranges, finite numbers), so a bad one is an argparse error before any
+model loads. Short flags mean the same in every verb: -m --model, -n --max-new-tokens,
+-t --temperature, -q --quantize. Without --model, the embedded Gemma 3 270M is used.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
 from .errors import OpenGemmaError
 
 EPILOG = ("MODEL is a .gguf file, a Hugging Face or opengemma checkpoint directory, a preset name "
           "(random weights; see `opengemma info --presets`) or a hub id such as google/gemma-2b. "
-          "Without --model, the embedded Gemma 3 270M (pretrained, Q4_K_M) is used.")
+          "Without --model, the embedded Gemma 3 270M is used: a pretrained (base) model, not "
+          "instruction-tuned, so it continues text well but rambles in chat.")
+CONVERT_EPILOG = ("SRC is a .gguf file, a Hugging Face or opengemma checkpoint directory, or a preset name "
+                  "(random weights; see `opengemma info --presets`).")
+_MAX_SHOWN = 60  # characters of a bad value quoted in an error line
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (usage is one `--help` away)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _one_line(text: str, limit: int = 500) -> str:
+    """``text`` as one line of bounded length (bad values may hold newlines or be huge)."""
+    text = " ".join(str(text).splitlines())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "...")
+
+
+def int_range(lo: int | None = None, hi: int | None = None, *, what: str = "", span: str | None = None):
+    """An argparse type: a whole number in lo..hi (None: unbounded), with a one-line error
+    (``span`` spells the range there, e.g. "[-2**63, 2**64)")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip().replace("_", ""), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {_shown(text)}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            if span is not None:
+                bound = f"must be in {span}"
+            elif hi is None:
+                bound = f"must be at least {lo}"
+            elif lo is None:
+                bound = f"must be at most {hi}"
+            else:
+                bound = f"must be in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"{bound}{what}, got {_shown(text.strip())}")
+        return value
+
+    return parse
+
+
+def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False, what: str = "", hint: str = ""):
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] with ``lo_open``); NaN and
+    infinities are refused (they would reach the sampler as NaN probabilities)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {_shown(text)}{hint}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {_shown(text.strip())}")
+        if value < lo or value > hi or (lo_open and value == lo):
+            if hi == math.inf:
+                bound = f"must be {'>' if lo_open else '>='} {lo:g}"
+            else:
+                bound = f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"{bound}{what}, got {_shown(text.strip())}")
+        return value
+
+    return parse
+
+
+# generate.MAX_TOP_K and generate.SEED_RANGE (GenerationConfig's bounds), spelled out here
+# because generate imports torch, which a parser must not (tests check they agree).
+MAX_TOP_K = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+_positive_int = int_range(1)
+seed_type = int_range(SEED_MIN, SEED_MAX, span="[-2**63, 2**64)")
+TEMPERATURE = float_range(0.0, what=" (0 = greedy)")
+
+
+def _stop_text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -58,12 +128,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=max_new,
-                   help=f"most tokens to generate (default {max_new}; clamped to the context)")
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default), higher = more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= P")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help=f"most tokens to generate (default {max_new}); a larger value is cut to what the "
+                        "model's context leaves after the prompt")
+    p.add_argument("--temperature", "-t", type=TEMPERATURE, default=0.0,
+                   help="0 = greedy (default), higher = more random")
+    p.add_argument("--top-k", type=int_range(0, MAX_TOP_K, what=" (0 = no limit)"), default=None,
+                   help="sample among the K most likely tokens (0 = no limit)")
+    p.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=None,
+                   help="nucleus sampling: smallest set with mass >= P, in (0, 1]")
+    p.add_argument("--seed", type=seed_type, default=None,
+                   help="random seed for reproducible sampling, in [-2**63, 2**64)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", type=_stop_text,
                    help="stop when TEXT is generated (repeatable); EOS and <end_of_turn> always stop")
 
 
@@ -83,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat", epilog=EPILOG,
                        description="Chat with the model. History is kept between turns. Commands: /reset clears "
-                       "the history, /exit (or Ctrl-D) quits.")
+                       "the history, /exit (or Ctrl-D) quits. Ctrl-C stops a reply (its text so far stays in the "
+                       "history) and keeps the session; Ctrl-C twice at the prompt quits. Input lines can be "
+                       "edited and recalled (readline); they are saved in $OPENGEMMA_CHAT_HISTORY, else "
+                       "~/.cache/opengemma/chat_history (OPENGEMMA_CHAT_HISTORY= keeps none). Use an "
+                       "instruction-tuned model: the embedded base model rambles and may not end its turns.")
     _model_args(p)
     _sampling_args(p, 512)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn)")
@@ -99,13 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "their window)")
     p.add_argument("--context", type=_positive_int, default=None,
                    help="context length for --kv-memory (default: the model's full context)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences for --kv-memory (default 1)")
+    p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=1, help="sequences for --kv-memory (default 1)")
     p.add_argument("--dtype", default="bfloat16", help="cache dtype for --kv-memory (default bfloat16)")
 
-    p = sub.add_parser("convert", help="convert a checkpoint", epilog=EPILOG,
+    p = sub.add_parser("convert", help="convert a checkpoint", epilog=CONVERT_EPILOG,
                        description="Convert SRC (GGUF file, HF or opengemma directory, preset) into DST, a new "
                        "directory in opengemma format (safetensors + config.json + tokenizer.model) or, with "
-                       "--to hf, in Hugging Face layout loadable by transformers.")
+                       "--to hf, in Hugging Face layout: config.json, model.safetensors, tokenizer.model, "
+                       "tokenizer_config.json (adds <bos>; the chat template), special_tokens_map.json and "
+                       "generation_config.json (stops at <eos> and <end_of_turn>), which transformers' "
+                       "AutoTokenizer and AutoModelForCausalLM load as they load Google's checkpoints.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--to", choices=["opengemma", "hf"], default="opengemma", help="output layout (default opengemma)")
@@ -116,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_eval_parser(sub)
+
+    p = sub.add_parser("cache", help="list or clear the converted-weight cache",
+                       description="A GGUF model is converted once (about 1 GB for the embedded 270M in "
+                       "float32) and memory-mapped on later starts. `opengemma cache` lists the converted "
+                       "models with their sizes and sources; `opengemma cache clear ENTRY...` removes some "
+                       "(ENTRY: a unique start of the name shown), `--all` everything. The cache lives in "
+                       "$OPENGEMMA_CACHE/converted, else ~/.cache/opengemma/converted; OPENGEMMA_NO_CACHE=1 "
+                       "turns it off.")
+    p.add_argument("action", nargs="?", choices=["list", "clear"], default="list", help="list (default) or clear")
+    p.add_argument("entries", nargs="*", metavar="ENTRY", help="entries to clear")
+    p.add_argument("--all", action="store_true", help="with clear: remove every entry")
+    p.add_argument("--json", action="store_true", help="with list: machine-readable output")
     return parser
 
 
@@ -123,20 +217,25 @@ def _read_prompt(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
-def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop)
+def _sampling(args, g) -> dict:
+    # -n is cut to the context here; generation then cuts it to what the prompt leaves.
+    return dict(max_new_tokens=min(args.max_new_tokens, g.config.context_length), temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
 
 
 def cmd_generate(args) -> int:
-    from .api import load
-
     prompt = _read_prompt(args.prompt)
-    g = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
+    g = _load(args)
     if args.chat:
-        pieces = g.chat([{"role": "user", "content": prompt}], stream=True, **_sampling(args))
+        pieces = g.chat([{"role": "user", "content": prompt}], stream=True, **_sampling(args, g))
     else:
-        pieces = g.stream(prompt, **_sampling(args))
+        pieces = g.stream(prompt, **_sampling(args, g))
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -144,15 +243,69 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
-    from .api import load
+def _chat_history_file() -> Path | None:
+    """Where the REPL keeps its input history: $OPENGEMMA_CHAT_HISTORY (empty: nowhere), else
+    chat_history in opengemma's cache directory."""
+    if "OPENGEMMA_CHAT_HISTORY" in os.environ:
+        return Path(os.environ["OPENGEMMA_CHAT_HISTORY"]) if os.environ["OPENGEMMA_CHAT_HISTORY"] else None
+    from .weight_cache import base_dir
 
-    g = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
+    return base_dir() / "chat_history"
+
+
+def _line_editing():
+    """Turn on readline for input() (arrow keys, Ctrl-R, history across sessions) where the
+    platform has it; returns a function that saves the history, or None."""
+    try:
+        import readline
+    except ImportError:  # e.g. Windows without a readline port: plain input()
+        return None
+    path = _chat_history_file()
+    readline.set_history_length(1000)
+    if path is None:
+        return None
+    try:
+        readline.read_history_file(path)
+    except OSError:  # none yet, or unreadable: start empty
+        pass
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+            os.chmod(path, 0o600)  # what was typed into a chat is private
+        except OSError:
+            pass
+
+    return save
+
+
+def cmd_chat(args) -> int:
+    g = _load(args)
     interactive = sys.stdin.isatty()
+    save_history = _line_editing() if interactive else None
+    try:
+        return _repl(g, args, interactive)
+    finally:
+        if save_history is not None:
+            save_history()
+
+
+def _repl(g, args, interactive: bool) -> int:
+    """The chat loop. Interactive (a terminal): Ctrl-C during a reply stops that reply, whose
+    text so far stays in the history as the model's turn (dropped with the user's turn if
+    nothing came yet); Ctrl-C at the prompt asks for a second one, which quits; an error in one
+    turn (a conversation grown past the context) is reported and the session goes on. Piped
+    input: errors and Ctrl-C end the program as in every other verb."""
     if interactive:
-        print(f"Chatting with {g.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+        print(f"Chatting with {g.name}. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+              file=sys.stderr)
+        if args.model is None:
+            print("Note: the embedded model is pretrained, not instruction-tuned: its replies ramble and may "
+                  "not end by themselves (-n caps them).", file=sys.stderr)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     base = len(history)
+    quitting = False  # the last input was a Ctrl-C at the prompt
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -160,6 +313,14 @@ def cmd_chat(args) -> int:
             if interactive:
                 print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:
+            if not interactive or quitting:
+                print(file=sys.stderr)
+                return 0 if interactive else 130
+            quitting = True
+            print("\n(Ctrl-C again, Ctrl-D or /exit quits)", file=sys.stderr)
+            continue
+        quitting = False
         text = line.strip()
         if text in ("/exit", "/quit"):
             return 0
@@ -172,13 +333,32 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         if interactive:
             sys.stdout.write("gemma> ")
-        reply = []
-        for piece in g.chat(history, stream=True, **_sampling(args)):
-            reply.append(piece)
-            sys.stdout.write(piece)
             sys.stdout.flush()
+        reply: list[str] = []
+        try:
+            for piece in g.chat(history, stream=True, **_sampling(args, g)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            kept = "kept in the history" if "".join(reply).strip() else "nothing to keep"
+            print(f"\n(reply stopped: {kept})", file=sys.stderr, end="")
+        except OpenGemmaError as e:
+            if not interactive:
+                raise
+            history.pop()
+            print(f"\nopengemma: error: {_one_line(e)} (/reset starts over)", file=sys.stderr, end="")
+            reply = None
         sys.stdout.write("\n")
-        history.append({"role": "model", "content": "".join(reply)})
+        sys.stdout.flush()
+        if reply is None:
+            continue
+        if "".join(reply).strip():
+            history.append({"role": "model", "content": "".join(reply)})
+        else:  # no text to answer with: forget the question too, so turns keep alternating
+            history.pop()
 
 
 def cmd_info(args) -> int:
@@ -228,8 +408,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from .api import load_tokenizer, parse_dtype, resolve
@@ -257,6 +435,56 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    import time
+
+    from . import weight_cache
+
+    root = weight_cache.cache_root()
+    if args.action == "list":
+        if args.entries or args.all:
+            raise OpenGemmaError("`opengemma cache list` takes no ENTRY or --all (did you mean `cache clear`?)")
+        items = weight_cache.entries()
+        if args.json:
+            print(json.dumps({"root": str(root), "entries": [
+                {"name": e.name, "path": str(e.path), "bytes": e.size, "created": e.created, "source": e.source,
+                 "options": e.options, "config": e.config_name} for e in items]}, indent=2))
+            return 0
+        print(f"converted-weight cache: {root}{' (empty)' if not items else ''}")
+        for e in items:
+            options = ", ".join(f"{k}={v.removeprefix('torch.')}" for k, v in sorted(e.options.items()))
+            what = f"{Path(e.source).name if e.source else 'unknown source'} [{e.config_name or '?'}] {options}"
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))
+            print(f"  {e.name[:12]}  {weight_cache.human_size(e.size):>9}  {created}  {what}")
+        if items:
+            total = weight_cache.human_size(sum(e.size for e in items))
+            print(f"{len(items)} entr{'y' if len(items) == 1 else 'ies'}, {total}; remove with "
+                  "`opengemma cache clear ENTRY` or `opengemma cache clear --all`")
+        return 0
+    if args.json:
+        raise OpenGemmaError("--json goes with `opengemma cache list`")
+    if args.all == bool(args.entries):
+        raise OpenGemmaError("`opengemma cache clear` needs ENTRY... (as `opengemma cache` lists them) or --all")
+    if args.all:
+        count, size = weight_cache.clear()
+        print(f"removed {count} entr{'y' if count == 1 else 'ies'} ({weight_cache.human_size(size)}) from {root}",
+              file=sys.stderr)
+        return 0
+    found = []
+    for name in args.entries:
+        try:
+            entry = weight_cache.find(name)
+        except ValueError as e:
+            raise OpenGemmaError(str(e)) from None
+        if entry is None:
+            raise OpenGemmaError(f"no cache entry {_shown(name)} in {root} (`opengemma cache` lists them)")
+        found.append(entry)
+    for entry in found:
+        weight_cache.remove(entry)
+        print(f"removed {entry.name[:12]} ({weight_cache.human_size(entry.size)})", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve.cli import run_serve
 
@@ -270,7 +498,7 @@ def cmd_eval(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "convert": cmd_convert,
-            "serve": cmd_serve, "eval": cmd_eval}
+            "serve": cmd_serve, "eval": cmd_eval, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,13 +506,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except OpenGemmaError as e:
-        print(f"opengemma: error: {e}", file=sys.stderr)
+        print(f"opengemma: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:  # `opengemma generate ... | head`
         return 0
+    except OSError as e:  # the environment, not a bug: disk full, permission denied, a path too long
+        print(f"opengemma: error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,13 +15,16 @@ the first three):
   detokenisation (StreamDecoder), stop-string holdback, finish reason.
 * :func:`run_rows` -- drive prefill + decode for a list of rows and yield one :class:`StepEvent`
   per step; :func:`generate_tokens`, :func:`stream`, :func:`stream_text` and :func:`generate` are
-  thin front ends over it.
+  thin front ends over it. Non-finite logits (corrupt weights that passed the load check, or a
+  dtype that overflows) end it with :class:`NonFiniteLogitsError` rather than sampling garbage;
+  the check (:func:`finite_rows`) is one reduction per step, read back with the sampled ids.
 
 Sampling comes from :mod:`opengemma.sampling` with one explicit ``torch.Generator`` per call.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,10 @@ from .sampling import sample_next_token
 
 CACHE_ROUND = 64  # cache lengths are rounded up to this, so nearby requests share shapes
 PREFILL_CHUNK = 512  # longest prefill forward; bounds the [T, S] attention scores of long prompts
+# top_k beyond any vocabulary means "no limit" to the sampler; the bound keeps it a C int (a
+# 64-bit overflow in torch.topk was a crash). Seeds: what torch.Generator.manual_seed accepts.
+MAX_TOP_K = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64)
 
 
 @dataclass(frozen=True)
@@ -63,15 +70,20 @@ class GenerationConfig:
             raise OpenGemmaError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise OpenGemmaError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise OpenGemmaError(f"temperature must be >= 0, got {self.temperature!r}")
+        # NaN fails every comparison, so "not x >= 0" also rejects it; infinity is refused
+        # explicitly (logits / inf are 0 or NaN).
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+                or not 0 <= self.temperature < math.inf):
+            raise OpenGemmaError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 0):
-            raise OpenGemmaError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+                                       or not 0 <= self.top_k <= MAX_TOP_K):
+            raise OpenGemmaError(f"top_k must be an integer in 0..{MAX_TOP_K}, got {self.top_k!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0 < self.top_p <= 1):
             raise OpenGemmaError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise OpenGemmaError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise OpenGemmaError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise OpenGemmaError("stop strings must be non-empty strings")
 
@@ -99,6 +111,27 @@ class StepEvent:
 
 
 # -- the compute pieces -------------------------------------------------------------------------
+
+class NonFiniteLogitsError(OpenGemmaError):
+    """The model's logits held NaN/inf: corrupt weights, or activations that overflow the dtype."""
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each row of logits [B, V] is all finite; no host sync.
+
+    One reduction: a row's sum is NaN/inf exactly when one of its entries is (finite logits would
+    need |l| > 1e33 for 262,144 of them to overflow an fp32 sum), and the fp32 accumulator keeps a
+    row of fp16 logits from overflowing fp16. Measured on 2 CPU cores: 0.03 ms for one 262k-entry
+    row, 0.4 ms for 16, against ~20 ms for a 270M decode step."""
+    return torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))  # [B]
+
+
+def nonfinite_error(step: int, dtype: torch.dtype) -> NonFiniteLogitsError:
+    """The one-line error for non-finite logits at generation step ``step`` (1 = the first token)."""
+    why = ("activations can overflow float16's range; try bfloat16 or float32" if dtype == torch.float16
+           else "the weights are probably corrupt")
+    return NonFiniteLogitsError(f"the model produced non-finite logits (NaN/inf) at step {step}: {why}")
+
 
 def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One decode step: tokens [B, 1] at positions pos [B, 1] (-1: idle row) -> logits [B, V].
@@ -318,10 +351,22 @@ def run_rows(model, rows: Sequence[RowState], gen: GenerationConfig, *, pad_id: 
         # Preallocated per-step inputs, refilled in place: the decode step sees the same buffers.
         step_tokens = torch.full((B, 1), pad_id, dtype=torch.long, device=device)  # [B, 1]
         step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)  # [B, 1]
+    step = 0
     while True:
+        step += 1
         with torch.inference_mode():
-            next_ids = sample_next_token(logits, g, gen.temperature, gen.top_k, gen.top_p)  # [B]
-        ids = next_ids.tolist()  # the one host sync per step; streaming needs the ids anyway
+            finite = finite_rows(logits)  # [B]
+            try:
+                next_ids = sample_next_token(logits, g, gen.temperature, gen.top_k, gen.top_p)  # [B]
+            except RuntimeError:  # a sampler may refuse NaN probabilities itself
+                if not all(ok or r.finished for ok, r in zip(finite.tolist(), rows)):
+                    raise nonfinite_error(step, logits.dtype) from None
+                raise
+            # A row with non-finite logits reads -1: the flag rides on the step's one host sync.
+            flagged = torch.where(finite, next_ids, -1)  # [B]
+        ids = flagged.tolist()  # the one host sync per step; streaming needs the ids anyway
+        if any(t < 0 and not r.finished for t, r in zip(ids, rows)):
+            raise nonfinite_error(step, logits.dtype)
         event = StepEvent(tokens=[None] * B, texts=[None] * B)
         for i, r in enumerate(rows):
             if not r.finished:

@@ -22,6 +22,12 @@ quantized form where the GGUF is already quantized").
   perplexity from 16.39 to 14.02 (bf16: 13.60) but decode from 20.3 to 24.7 ms per token: at
   batch 1 the weights stream from memory, and int8 reads twice the bytes. Only Q6_K / Q8_0 as
   int8: 15.65. Whoever wants the file's precision has ``int8`` mode (13.65).
+
+Corrupt tensor data is refused here as in the float loader
+(:func:`opengemma.checkpoints.check_finite`), on the values each module is built from: the float
+row chunks of re-quantized tensors, and for the exact int4 ones their scales and zeros (a 4-bit
+q is always finite, so w is bounded by ``max(|z - 8 s|, |z + 7 s|)`` per group), which is also
+far less to read than the weights.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoints import MATRIX_LIMIT, check_finite
 from .quant import (
     _CHUNK_ROWS,
     DEFAULT_GROUP,
@@ -67,13 +74,22 @@ def _gguf_q4_k(raw: np.ndarray, N: int, K: int):
     sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # [B, 8] each, 6-bit
     qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (qs & 0x0F).reshape(N, K)
-    scale = d * sc.astype(np.float32)  # exact in fp32 (11-bit x 6-bit)
-    zero = 8.0 * scale - dmin * m.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # corrupt d/dmin: the caller reports them
+        scale = d * sc.astype(np.float32)  # exact in fp32 (11-bit x 6-bit)
+        zero = 8.0 * scale - dmin * m.astype(np.float32)
     return (torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scale.reshape(N, K // 32)),
             torch.from_numpy(zero.astype(np.float32).reshape(N, K // 32)))
 
 
 _DIRECT_INT4 = {"Q4_0": _gguf_q4_0, "Q4_K": _gguf_q4_k}
+
+
+def _group_extent(mod: Int4Linear) -> torch.Tensor:
+    """The largest |w| each group of an int4 module can hold, [K/g, N]: w = (q - 8) * s + z with
+    q in 0..15 is extreme at q = 0 or q = 15; NaN/inf where a scale or zero is."""
+    sz = mod.scales_and_zeros[:, :mod.out_features].float()  # [K/g, N, 2]; padding rows are 0
+    s, z = sz[..., 0], sz[..., 1]
+    return torch.maximum((z - 8 * s).abs(), (z + 7 * s).abs())
 
 
 def _q8_0_chunks(raw: np.ndarray, N: int, K: int, chunk: int):
@@ -85,18 +101,28 @@ def _q8_0_chunks(raw: np.ndarray, N: int, K: int, chunk: int):
         yield (q.float() * d).reshape(-1, K)
 
 
-def _float_chunks(buf, info, chunk: int = _CHUNK_ROWS):
-    """Float32 rows of one GGUF tensor, chunk by chunk (never the whole tensor at once)."""
+def _gguf_py_chunks(raw: np.ndarray, qtype, N: int, K: int, chunk: int):
+    """Float32 rows of any other GGUF tensor, via gguf-py's dequantization."""
     from gguf.quants import dequantize as gguf_dequantize
 
+    for i in range(0, N, chunk):
+        with np.errstate(over="ignore", invalid="ignore"):  # corrupt scales: _float_chunks reports them
+            vals = gguf_dequantize(raw[i:i + chunk], qtype)
+        yield torch.from_numpy(np.array(vals, dtype=np.float32, copy=True).reshape(-1, K))
+
+
+def _float_chunks(buf, info, source, chunk: int = _CHUNK_ROWS):
+    """Float32 rows of one GGUF tensor, chunk by chunk (never the whole tensor at once), each
+    checked to be finite and plausible before it is quantized."""
     N, K = info.shape
     raw = np.frombuffer(buf, np.uint8, info.n_bytes, info.offset).reshape(N, -1)
     if info.qtype.name == "Q8_0":
-        yield from _q8_0_chunks(raw, N, K, chunk)
-        return
-    for i in range(0, N, chunk):
-        vals = gguf_dequantize(raw[i:i + chunk], info.qtype)
-        yield torch.from_numpy(np.array(vals, dtype=np.float32, copy=True).reshape(-1, K))
+        chunks = _q8_0_chunks(raw, N, K, chunk)
+    else:
+        chunks = _gguf_py_chunks(raw, info.qtype, N, K, chunk)
+    for c in chunks:
+        check_finite(info.name, c, source, limit=MATRIX_LIMIT)
+        yield c
 
 
 def direct_int4(buf, info, *, act_dtype=torch.float32, compute_dtype=None, device="cpu",
@@ -111,19 +137,22 @@ def direct_int4(buf, info, *, act_dtype=torch.float32, compute_dtype=None, devic
                       compute_dtype=compute_dtype, device=dev, keep_rows=keep_rows)
 
 
-def _from_gguf_tensor(buf, info, mode, group_size, act_dtype, compute_dtype, device, embedding, int4_exact):
+def _from_gguf_tensor(buf, info, mode, group_size, act_dtype, compute_dtype, device, embedding, int4_exact,
+                      source):
     """Quantized module for one 2-D GGUF weight: direct where exact, else dequantize + quantize."""
     direct = info.qtype.name in _DIRECT_INT4 and (mode == "int4" or int4_exact) and group_size == 32
     if direct:
-        return direct_int4(buf, info, act_dtype=act_dtype, compute_dtype=compute_dtype, device=device,
-                           keep_rows=embedding)
+        mod = direct_int4(buf, info, act_dtype=act_dtype, compute_dtype=compute_dtype, device=device,
+                          keep_rows=embedding)
+        check_finite(info.name, _group_extent(mod), source, limit=MATRIX_LIMIT, what="quantized blocks")
+        return mod
     dev = torch.device(device)
     cd = compute_dtype or _default_compute_dtype(dev, act_dtype)
     N, K = info.shape
     if mode == "int8" or K % group_size:
-        chunks = (quantize_int8(c.to(dev), cd) for c in _float_chunks(buf, info))
+        chunks = (quantize_int8(c.to(dev), cd) for c in _float_chunks(buf, info, source))
         return build_int8(chunks, N, K, act_dtype=act_dtype, compute_dtype=cd, device=dev)
-    chunks = (quantize_int4(c.to(dev), group_size, cd) for c in _float_chunks(buf, info))
+    chunks = (quantize_int4(c.to(dev), group_size, cd) for c in _float_chunks(buf, info, source))
     return build_int4(chunks, N, K, group_size, act_dtype=act_dtype, compute_dtype=cd, device=dev,
                       keep_rows=embedding)
 
@@ -151,7 +180,9 @@ def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, 
         model = build_model(config, device="meta")
         seen: set[str] = set()
         output = None
-        for info in header.tensors:
+        # The embedding last: re-quantizing it is most of an int4 conversion (~10 s of ~12 s for the
+        # 270M's Q8_0 one), so a file corrupt anywhere else is refused before that is spent.
+        for info in sorted(header.tensors, key=lambda t: t.name == "token_embd.weight"):
             if info.name == "output.weight":
                 output = info
                 continue
@@ -173,11 +204,13 @@ def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, 
             parent = model.get_submodule(parent_name) if parent_name else model
             if isinstance(mod, nn.Linear) or mod_name == "embed":
                 emb = mod_name == "embed"
-                new = _from_gguf_tensor(m.buf, info, mode, group_size, dtype, compute_dtype, dev, emb, int4_exact)
+                new = _from_gguf_tensor(m.buf, info, mode, group_size, dtype, compute_dtype, dev, emb, int4_exact,
+                                        path)
                 setattr(parent, attr, QuantizedEmbedding(new) if emb else new)
             else:  # norms: float, in the activation dtype
-                vals = g._undo_norm_shift(info.name, g.dequantize(m.buf, info))
-                mod.weight = nn.Parameter(torch.from_numpy(vals).to(device=dev, dtype=dtype), requires_grad=False)
+                vals = torch.from_numpy(g._undo_norm_shift(info.name, g.dequantize(m.buf, info)))
+                check_finite(info.name, vals, path)
+                mod.weight = nn.Parameter(vals.to(device=dev, dtype=dtype), requires_grad=False)
         if output is not None:  # an untied copy of the embedding: accept only a byte-identical one
             emb = next(t for t in header.tensors if t.name == "token_embd.weight")
             same = (output.qtype == emb.qtype and output.n_bytes == emb.n_bytes

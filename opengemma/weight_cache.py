@@ -12,6 +12,10 @@ Hashing a 250 MB file takes about a second, so the hash of each (path, size, mti
 remembered in a small index; a changed file gets a new hash and so a new entry. Entries are
 written atomically (temp directory + rename), so a killed conversion leaves nothing half-made.
 Set ``OPENGEMMA_CACHE`` to move the cache, ``OPENGEMMA_NO_CACHE=1`` to turn it off.
+
+Each entry is a gigabyte or so, so writing one says so on stderr (one line, once per entry), and
+:func:`entries` / :func:`remove` / :func:`clear` back ``opengemma cache`` (list, with sizes and
+what each entry was converted from, kept in ``entries.json``; clear).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +49,29 @@ def enabled() -> bool:
     return os.environ.get("OPENGEMMA_NO_CACHE", "") in ("", "0")
 
 
+def base_dir() -> Path:
+    """opengemma's own cache directory: ``$OPENGEMMA_CACHE``, else ``~/.cache/opengemma``."""
+    return Path(os.environ.get("OPENGEMMA_CACHE") or Path.home() / ".cache" / "opengemma")
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("OPENGEMMA_CACHE", Path.home() / ".cache" / "opengemma")) / "converted"
+    return base_dir() / "converted"
+
+
+def _read_index(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_index(file: Path, data: dict) -> None:
+    """Replace a small JSON index atomically (a concurrent writer's version may win: both are valid)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, file)
 
 
 def _file_sha256(path: Path, root: Path) -> str:
@@ -52,10 +79,7 @@ def _file_sha256(path: Path, root: Path) -> str:
     st = path.stat()
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     index = root / "hashes.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _read_index(index)
     if ident in known:
         return known[ident]
     digest = hashlib.sha256()
@@ -63,10 +87,7 @@ def _file_sha256(path: Path, root: Path) -> str:
         while block := f.read(8 << 20):
             digest.update(block)
     known[ident] = digest.hexdigest()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_name(f".hashes.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, index)
+    _write_index(index, known)
     return known[ident]
 
 
@@ -74,7 +95,17 @@ def entry_dir(source: Path, **options) -> Path:
     """Where the converted form of ``source`` with these options lives (it may not exist yet)."""
     root = cache_root()
     key = json.dumps({"sha256": _file_sha256(source, root), "version": FORMAT_VERSION, **options}, sort_keys=True)
-    return root / hashlib.sha256(key.encode()).hexdigest()[:32]
+    entry = root / hashlib.sha256(key.encode()).hexdigest()[:32]
+    # What the entry is, for `opengemma cache` (the key is a hash); written only when it changes.
+    about = {"source": str(Path(source).resolve()), "options": {k: str(v) for k, v in options.items()}}
+    index = root / "entries.json"
+    described = _read_index(index)
+    if described.get(entry.name) != about:
+        try:
+            _write_index(index, {**described, entry.name: about})
+        except OSError:
+            pass  # a read-only cache still serves hits
+    return entry
 
 
 def load_mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,10 +164,106 @@ def write(entry: Path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],
                 os.fsync(f.fileno())
         if entry.exists():  # a damaged entry (read() gave None): replace it
             shutil.rmtree(entry, ignore_errors=True)
+        size = _size(tmp)
         os.replace(tmp, entry)
         tmp = None
+        source = _read_index(entry.parent / "entries.json").get(entry.name, {}).get("source")
+        print(f"opengemma: note: cached the converted weights{' of ' + Path(source).name if source else ''} "
+              f"in {entry} ({human_size(size)}) for fast later starts; `opengemma cache` lists the cache, "
+              "`opengemma cache clear --all` empties it", file=sys.stderr)
     except OSError:  # includes losing a race to another process: its entry is as good as ours
         pass
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- listing and clearing (`opengemma cache`) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One converted model in the cache: its directory, size in bytes, creation time (epoch
+    seconds), what it was converted from (path or None when unknown), the options (dtype,
+    quantization) and the model's config name."""
+
+    path: Path
+    size: int
+    created: float
+    source: str | None
+    options: dict
+    config_name: str | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def entries() -> list[CacheEntry]:
+    """The cache's complete entries, oldest first (half-written temp directories are not listed)."""
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    about = _read_index(root / "entries.json")
+    out = []
+    for path in root.iterdir():
+        if not path.is_dir() or path.name.startswith(".") or not (path / "meta.json").is_file():
+            continue
+        info = about.get(path.name, {})
+        try:
+            config_name = json.loads((path / "meta.json").read_text())["config"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            config_name = None
+        try:
+            out.append(CacheEntry(path, _size(path), path.stat().st_mtime, info.get("source"),
+                                  info.get("options", {}), config_name))
+        except OSError:  # removed meanwhile by another process
+            continue
+    return sorted(out, key=lambda e: e.created)
+
+
+def find(prefix: str) -> CacheEntry | None:
+    """The entry whose name starts with ``prefix`` (as `opengemma cache` shows it); None if none,
+    ValueError if several do."""
+    hits = [e for e in entries() if prefix and e.name.startswith(prefix)]
+    if len(hits) > 1:
+        raise ValueError(f"{prefix!r} matches {len(hits)} entries; give more of the name")
+    return hits[0] if hits else None
+
+
+def remove(entry: CacheEntry) -> None:
+    """Delete one entry. Processes that have it memory-mapped keep their pages (unlinked files
+    live on until unmapped)."""
+    shutil.rmtree(entry.path, ignore_errors=True)
+    index = entry.path.parent / "entries.json"
+    about = _read_index(index)
+    if about.pop(entry.name, None) is not None:
+        _write_index(index, about)
+
+
+def clear() -> tuple[int, int]:
+    """Empty the cache (entries, leftovers of killed conversions, indexes): (entries, bytes) freed."""
+    root = cache_root()
+    listed = entries()
+    if not root.is_dir():
+        return 0, 0
+    size = _size(root)
+    for path in root.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(listed), size

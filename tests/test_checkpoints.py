@@ -10,6 +10,7 @@ transformers' own GGUF loading; HF checkpoints round-trip through transformers' 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from functools import partial
@@ -355,7 +356,8 @@ def test_hf_round_trip_with_transformers(tmp_path, preset):
     for name, tensor in state.items():
         assert torch.equal(tensor, ref[ckpt_hf.to_hf_name(name, gemma1)]), name
 
-    ckpt_hf.save(tmp_path / "ours", config, state, tokenizer_model_bytes=b"\x0a\x03abc")
+    tok_bytes = tiny_tokenizer_bytes()
+    ckpt_hf.save(tmp_path / "ours", config, state, tokenizer_model_bytes=tok_bytes)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
     assert type(again) is cls
     assert again.state_dict().keys() == ref.keys()
@@ -363,8 +365,119 @@ def test_hf_round_trip_with_transformers(tmp_path, preset):
     for field in HF_CONFIG_FIELDS:
         assert getattr(again.config, field, None) == getattr(theirs.config, field, None), field
     assert ckpt_hf.read_config(tmp_path / "ours") == config.replace(name="ours")
-    assert (tmp_path / "ours" / "tokenizer.model").read_bytes() == b"\x0a\x03abc"
+    assert (tmp_path / "ours" / "tokenizer.model").read_bytes() == tok_bytes
     assert checkpoints.detect_format(tmp_path / "ours") == "hf"
+
+
+def tiny_tokenizer_bytes() -> bytes:
+    """A real tokenizer.model: the embedded tokenizer cut to the tiny presets' 512 ids."""
+    import opengemma
+
+    return opengemma.load("tiny-gemma1").tokenizer.model_bytes()
+
+
+# Benign conversations (format_chat, unlike the template, also refuses to let message text spell a
+# control token; for text that does not, both give the same ids).
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Answer briefly. "}, {"role": "user", "content": "  Knock knock.\n"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?\n\n"},
+     {"role": "user", "content": "Write\ta haiku  about   spaces, 数字 and 🎉"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "model", "content": "b"},
+     {"role": "user", "content": "c"}],
+]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model's ops are too small to share out: on a busy 2-core machine two threads only
+    wait for each other (this test took 30 s instead of 8)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_hf_export_is_a_complete_transformers_checkpoint(tmp_path, one_thread):
+    # Issue 13, item 6: `convert --to hf` as transformers loads Google's checkpoints: <bos> added,
+    # the chat template, both stop ids, ordinary file modes; greedy text equal to opengemma's.
+    import opengemma
+    from opengemma import cli
+    from opengemma.chat import format_chat
+    from opengemma.generate import GenerationConfig, generate
+
+    dst = tmp_path / "hf"
+    assert cli.main(["convert", "tiny-gemma3", str(dst), "--to", "hf"]) == 0
+    files = {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+             "special_tokens_map.json", "generation_config.json"}
+    assert {p.name for p in dst.iterdir()} == files  # no temp files left either
+    assert {p.stat().st_mode & 0o777 for p in dst.iterdir()} == {0o666 & ~_current_umask()}
+    ours = opengemma.load("tiny-gemma3")  # the same seeded weights convert wrote
+
+    tok = transformers.AutoTokenizer.from_pretrained(dst)
+    prompt = "The three primary colors are"
+    assert tok(prompt).input_ids == ours.tokenizer.encode(prompt, bos=True)
+    assert tok(prompt).input_ids[0] == tok.bos_token_id == 2
+    assert tok.decode([2, 105, 108, 106, 1], skip_special_tokens=True) == "\n\n"
+    for messages in CONVERSATIONS:
+        assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                                       )["input_ids"] == format_chat(ours.tokenizer, messages).ids, messages
+    with pytest.raises(Exception, match="alternate"):  # the template refuses what format_chat refuses
+        tok.apply_chat_template([{"role": "model", "content": "x"}], tokenize=False)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    assert model.generation_config.eos_token_id == [ours.tokenizer.eos_id, ours.tokenizer.end_of_turn_id]
+    for text in (prompt, "Once upon a time"):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            theirs = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+        mine = generate(ours.model, ours.tokenizer, [ids[0].tolist()], GenerationConfig(max_new_tokens=24))[0]
+        if mine.finish_reason == "stop":  # transformers keeps the stop token that ended the text
+            assert theirs[-1] in ours.tokenizer.stop_ids
+            theirs = theirs[:-1]
+        assert theirs == mine.token_ids and len(mine.token_ids) > 0
+
+
+def test_hf_chat_template_with_the_full_vocabulary(tmp_path, tokenizer):
+    # The template with the embedded model's whole 262k vocabulary (whitespace runs, newlines,
+    # multi-byte text as real pieces rather than bytes).
+    from opengemma.chat import format_chat
+
+    config = PRESETS["tiny-gemma3"]
+    ckpt_hf.save(tmp_path, config, random_state(config), tokenizer_model_bytes=tokenizer.model_bytes())
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for messages in CONVERSATIONS:
+        assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                                       )["input_ids"] == format_chat(tokenizer, messages).ids, messages
+    config_json = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config_json["add_bos_token"], config_json["add_eos_token"]) == (True, False)
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {
+        "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
+
+
+@pytest.mark.slow
+def test_hf_export_of_the_embedded_model_generates_the_same(tmp_path, real_gemma, tokenizer):
+    # The issue's case: transformers continued "The three primary colors are" with " not." (no
+    # <bos>); with the exported tokenizer files it adds <bos> and gives opengemma's greedy tokens.
+    from opengemma.generate import GenerationConfig, generate
+
+    ckpt_hf.save(tmp_path, real_gemma.config, real_gemma.model.state_dict(),
+                 tokenizer_model_bytes=tokenizer.model_bytes())
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = "The three primary colors are"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == tokenizer.encode(prompt, bos=True)
+    with torch.no_grad():
+        theirs = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+    mine = generate(real_gemma.model, tokenizer, [ids[0].tolist()], GenerationConfig(max_new_tokens=16))[0]
+    assert mine.finish_reason == "length" and theirs == mine.token_ids
 
 
 def test_hf_legacy_and_partial_configs(tmp_path):

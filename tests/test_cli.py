@@ -5,18 +5,27 @@ Every bad input must end with exactly one line on stderr, a non-zero exit status
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+import torch
 
+from opengemma import cli, weight_cache
 from opengemma.config import PRESETS
 
 
-def run(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(*args: str, stdin: str | None = None, timeout: float = 300, tiny: bool = False) -> subprocess.CompletedProcess:
+    # tiny: a tiny preset, whose ops are too small to share out between threads (on a busy
+    # 2-core machine two threads only wait for each other).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if tiny else {})}
     return subprocess.run([sys.executable, "-m", "opengemma", *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -24,7 +33,8 @@ def run(*args: str, stdin: str | None = None, timeout: float = 300) -> subproces
 def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    # A cold converted-weight cache adds its one "note:" line (see test_cache_notice_list_and_clear).
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("opengemma: note:")]
     assert len(lines) == 1, proc.stderr
     assert fragment in lines[0], lines[0]
 
@@ -95,8 +105,18 @@ def test_bad_arguments_are_one_line(args, fragment):
     assert_one_line_error(proc, fragment)
 
 
-def test_absurd_max_new_tokens():
-    assert_one_line_error(run("generate", "hi", "-n", "10000000"), "context")
+def test_max_new_tokens_is_cut_to_the_context():
+    # -n beyond the context is cut to what the prompt leaves, as --help says: tiny-gemma3 has 256
+    # positions and the prompt takes about 250 of them, so only a few tokens are generated.
+    import opengemma
+
+    tok = opengemma.load("tiny-gemma3").tokenizer
+    prompt = "hello " * max(k for k in range(1, 256) if len(tok.encode("hello " * k)) <= 250)
+    proc = run("generate", "-", "--model", "tiny-gemma3", "-n", "10000000", stdin=prompt, tiny=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "what the model's context leaves" in " ".join(run("generate", "--help").stdout.split())
+    assert_one_line_error(run("generate", "-", "--model", "tiny-gemma3", stdin="hello " * 300, tiny=True),
+                          "the model's context is 256")
 
 
 def test_prompt_longer_than_the_context():
@@ -150,3 +170,175 @@ def _embedded():
     from opengemma.embedded import embedded_path
 
     return embedded_path(progress=False)
+
+
+def test_a_preset_generates_with_the_embedded_tokenizer_cut_to_its_vocabulary(tokenizer):
+    # Issue 13, item 9: tiny-gemma3 (512 ids) failed with "token id 10979 is outside the model's vocabulary".
+    proc = run("generate", "The three primary colors are", "--model", "tiny-gemma3", "-n", "8", tiny=True)
+    assert proc.returncode == 0, proc.stderr
+    import opengemma
+    from opengemma.chat import format_chat
+
+    g = opengemma.load("tiny-gemma3")
+    tok, full = g.tokenizer, tokenizer  # the embedded model's
+    assert tok.vocab_size == g.config.vocab_size == 512 and full.vocab_size == 262_144
+    text = "Hello wörld 🎉\n\n  tabs\tand a literal \u2581 too"
+    ids = tok.encode(text)
+    assert max(ids) < 512 and tok.decode(ids) == text  # byte fallback covers any text
+    conversation = [{"role": "user", "content": "Hi"}]
+    control = {tok.bos_id, tok.start_of_turn_id, tok.end_of_turn_id}
+    chat_ids = format_chat(tok, conversation).ids
+    assert [i for i in chat_ids if i in control] == [i for i in format_chat(full, conversation).ids if i in control]
+    assert (tok.bos_id, tok.eos_id, tok.end_of_turn_id) == (full.bos_id, full.eos_id, full.end_of_turn_id)
+
+
+def test_help_texts_match_the_flags():
+    convert_help = run("convert", "--help").stdout
+    assert "--model" not in convert_help and "SRC is" in convert_help
+    eval_help = " ".join(run("eval", "--help").stdout.split())
+    assert "--temperature TEMPERATURE, -t TEMPERATURE" in eval_help and "--tasks TASKS" in eval_help
+    assert cli.MAX_TOP_K == __import__("opengemma.generate").generate.MAX_TOP_K
+    from opengemma.generate import SEED_RANGE
+
+    assert (cli.SEED_MIN, cli.SEED_MAX + 1) == SEED_RANGE
+    torch.Generator().manual_seed(cli.SEED_MIN)  # both ends are seeds torch takes
+    torch.Generator().manual_seed(cli.SEED_MAX)
+
+
+def _main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cache_notice_list_and_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENGEMMA_CACHE", str(tmp_path / "cache"))
+    assert _main("cache")[1].strip().endswith("(empty)")
+    config = PRESETS["tiny-gemma1"]
+    state = {k: torch.zeros(v.shape) for k, v in __import__("opengemma.model").model.build_model(
+        config, device="meta").state_dict().items()}
+    sources = []
+    for i, dtype in enumerate(("torch.float32", "torch.bfloat16")):
+        src = tmp_path / f"model{i}.gguf"
+        src.write_bytes(b"GGUF" + bytes([i]) * 64)
+        entry = weight_cache.entry_dir(src, dtype=dtype)
+        weight_cache.write(entry, config, state, None)
+        sources.append((src, entry))
+    notes = capsys.readouterr().err.splitlines()  # one line per written entry: where and how big
+    assert len(notes) == 2
+    assert all(n.startswith("opengemma: note: cached the converted weights of model") for n in notes)
+    assert str(sources[0][1]) in notes[0] and "KB)" in notes[0] and "opengemma cache clear --all" in notes[0]
+    code, listing, _ = _main("cache")
+    assert code == 0 and "2 entries" in listing
+    assert "model0.gguf [tiny-gemma1] dtype=float32" in listing
+    assert "model1.gguf [tiny-gemma1] dtype=bfloat16" in listing
+    data = json.loads(_main("cache", "--json")[1])
+    assert [e["source"] for e in data["entries"]] == [str(s.resolve()) for s, _ in sources]
+    assert all(e["bytes"] > 4 * sum(t.numel() for t in state.values()) for e in data["entries"])
+    code, _, err = _main("cache", "clear", sources[0][1].name[:12])
+    assert code == 0 and "removed" in err and not sources[0][1].exists() and sources[1][1].exists()
+    assert _main("cache", "clear", "ffffffffffff")[0] == 1  # no such entry: one error line
+    assert _main("cache", "clear")[0] == 1  # neither ENTRY nor --all
+    code, _, err = _main("cache", "clear", "--all")
+    assert code == 0 and "removed 1 entry" in err and not sources[1][1].exists()
+    assert _main("cache")[1].strip().endswith("(empty)")
+
+
+class _Terminal:
+    """A child process on a pseudo-terminal, read by polling with a deadline."""
+
+    def __init__(self, argv: list[str], env: dict):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: exec at once (no Python state of the test runs there)
+            os.execve(sys.executable, [sys.executable, *argv], env)
+        self.seen = b""
+
+    def expect(self, text: bytes, timeout: float = 120.0) -> bytes:
+        """Everything up to and including ``text``; raises on timeout or end of output."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"no {text!r} within {timeout} s; last output {self.seen[-300:]!r}")
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                data = b""
+            if not data:
+                raise EOFError(f"output ended before {text!r}: {self.seen[-300:]!r}")
+            self.seen += data
+        cut = self.seen.index(text) + len(text)
+        out, self.seen = self.seen[:cut], self.seen[cut:]
+        return out
+
+    def interrupt_at_prompt(self, answer: bytes | None) -> None:
+        """Ctrl-C while readline waits for input. CPython's readline loses a SIGINT that lands
+        between drawing the prompt and waiting for a key (it is seen at the next key), so a
+        keystroke that gets no answer in a few seconds is sent again -- as a person would."""
+        for _ in range(5):
+            os.write(self.fd, b"\x03")
+            try:
+                if answer is None:
+                    return self.wait(3.0)
+                self.expect(answer, timeout=3.0)
+                return None
+            except TimeoutError:
+                continue
+        raise TimeoutError("Ctrl-C at the prompt got no answer")
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            select.select([self.fd], [], [], 0.05)  # poll; drain output so the child never blocks
+            try:
+                self.seen += os.read(self.fd, 4096)
+            except OSError:
+                pass
+        raise TimeoutError("the chat did not exit")
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(tmp_path):
+    # Issue 13, item 7, on a real terminal: the embedded (pretrained) model rambles for hundreds of
+    # tokens, so Ctrl-C lands in the reply; the session goes on; readline recalls the last line with
+    # the up arrow; Ctrl-C twice at the prompt quits with status 0; the history file keeps the lines.
+    history = tmp_path / "history"
+    # One torch thread: on a busy 2-core machine the first reply token came after 2.5 s with two
+    # (threads waiting for each other), 0.2 s with one; the test only needs the reply to start.
+    env = {**os.environ, "OPENGEMMA_CHAT_HISTORY": str(history), "TERM": "xterm", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    term = _Terminal(["-m", "opengemma", "chat"], env)
+    try:
+        term.expect(b"you> ")
+        os.write(term.fd, b"Tell me a story about a dragon.\r")
+        term.expect(b"gemma> ")
+        term.expect(b" ")  # the reply is streaming
+        os.write(term.fd, b"\x03")
+        term.expect(b"(reply stopped: kept in the history)")
+        term.expect(b"you> ")
+        os.write(term.fd, b"\x1b[A\r")  # up arrow: readline recalls the last line; Enter sends it
+        echo = term.expect(b"gemma> ")
+        assert b"Tell me a story about a dragon." in echo and b"^[[A" not in echo
+        term.expect(b" ")
+        os.write(term.fd, b"\x03")
+        term.expect(b"(reply stopped")
+        term.expect(b"you> ")
+        term.interrupt_at_prompt(b"(Ctrl-C again, Ctrl-D or /exit quits)")
+        term.expect(b"you> ")
+        assert term.interrupt_at_prompt(None) == 0
+        assert b"Traceback" not in term.seen
+    finally:
+        term.close()
+    assert history.read_text().splitlines() == ["Tell me a story about a dragon."]  # recalled: not added twice
+    assert history.stat().st_mode & 0o777 == 0o600

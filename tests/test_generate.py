@@ -19,8 +19,8 @@ from torch import nn
 
 from opengemma.config import PRESETS
 from opengemma.errors import OpenGemmaError
-from opengemma.generate import (CACHE_ROUND, GenerationConfig, RowState, cache_length, decode_step, generate,
-                                generate_tokens, prefill, stream, stream_text)
+from opengemma.generate import (CACHE_ROUND, GenerationConfig, NonFiniteLogitsError, RowState, cache_length,
+                                decode_step, generate, generate_tokens, prefill, stream, stream_text)
 from opengemma.model import GemmaModel, KVCache
 
 # -- fakes ------------------------------------------------------------------------------------
@@ -461,3 +461,64 @@ def test_cache_length_rounding():
     assert cache_length(rows, 8192) == CACHE_ROUND
     assert cache_length([RowState([BOS] * 100, 100)], 8192) == 256
     assert cache_length([RowState([BOS] * 100, 100)], 210) == 210  # never beyond the context
+
+
+# -- non-finite logits -----------------------------------------------------------------------
+
+class PoisonedModel(ScriptedModel):
+    """A ScriptedModel whose logits for row b are ``value`` everywhere from forward call
+    ``poison[b][0]`` on (call 1 is the prefill, whose logits give step 1), finished row or not."""
+
+    def __init__(self, scripts, prompt_lens, poison: dict[int, tuple[int, float]]):
+        super().__init__(scripts, prompt_lens)
+        self.poison, self.calls = poison, 0
+
+    def forward(self, tokens, input_pos=None, cache=None, logits_at=None):
+        out = super().forward(tokens, input_pos, cache, logits_at)
+        self.calls += 1
+        for b, (call, value) in self.poison.items():
+            if self.calls >= call:
+                out[b] = value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nonfinite_logits_raise_at_their_step(value, temperature):
+    model = PoisonedModel([ids_of("abcdef")] * 2, [1, 1], {1: (3, value)})
+    gen = GenerationConfig(max_new_tokens=6, temperature=temperature, seed=0)
+    seen = []
+    with pytest.raises(NonFiniteLogitsError, match=r"^the model produced non-finite logits \(NaN/inf\) at step 3: "):
+        for texts in stream(model, FakeTokenizer(), [[BOS], [BOS]], gen):
+            seen.append(texts)
+    assert len(seen) == 2  # the steps before it were delivered (greedy: exactly the script)
+    if temperature == 0.0:
+        assert seen == [["a", "a"], ["b", "b"]]
+
+
+def test_nonfinite_logits_of_a_finished_row_are_ignored():
+    # Row 0 ends with EOS at step 3; from call 4 on its (idle) row is NaN, which is no one's output.
+    model = PoisonedModel([ids_of("ab") + [EOS], ids_of("abcdef")], [1, 1], {0: (4, float("nan"))})
+    done = generate(model, FakeTokenizer(), [[BOS], [BOS]], GenerationConfig(max_new_tokens=6))
+    assert [(c.text, c.finish_reason) for c in done] == [("ab", "stop"), ("abcdef", "length")]
+
+
+def test_sampler_errors_on_nan_become_the_nonfinite_error(monkeypatch):
+    """A sampler that refuses NaN itself (torch.multinomial does) still gives the one clear error;
+    its errors on finite logits are not disguised as one."""
+    import opengemma.generate as gen_mod
+
+    def multinomial_sampler(logits, generator, *args):
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+    monkeypatch.setattr(gen_mod, "sample_next_token", multinomial_sampler)
+    model = PoisonedModel([ids_of("abc")], [1], {0: (2, float("nan"))})
+    with pytest.raises(NonFiniteLogitsError, match="at step 2"):
+        generate(model, FakeTokenizer(), [[BOS]], GenerationConfig(max_new_tokens=3))
+
+    def broken_sampler(logits, generator, *args):
+        raise RuntimeError("sampler bug")
+
+    monkeypatch.setattr(gen_mod, "sample_next_token", broken_sampler)
+    with pytest.raises(RuntimeError, match="sampler bug"):
+        generate(scripted(["abc"], [1]), FakeTokenizer(), [[BOS]], GenerationConfig(max_new_tokens=3))

@@ -10,6 +10,8 @@ with ``generate_tokens`` alone; and the embedded real model compared text by tex
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
 
@@ -137,27 +139,154 @@ def test_row_view_writes_into_the_shared_cache(tiny):
     assert cache.pos_global[0, :3].tolist() == [-1, -1, 2] and cache.pos_global[0, 8] == -1
 
 
-def test_engine_failure_fails_its_sequences_and_keeps_serving(tiny, engine_factory):
-    eng = engine_factory(tiny, max_batch=2, max_context=64)
-    real_forward = tiny.model.forward
-    calls = {"n": 0}
+def alone(g, prompt, m) -> list[int]:
+    return [step[0] for step in generate_tokens(g.model, [prompt], GenerationConfig(max_new_tokens=m))]
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated device failure")
-        return real_forward(*args, **kwargs)
 
-    tiny.model.forward = flaky
+VICTIMS = [[2, 10, 11], [2, 5, 6, 7, 8], [2, 300, 301, 302]]  # short prompts, budgets below: positions < 30
+
+
+@contextlib.contextmanager
+def failing_layer(g, when):
+    """Make layer 3 of ``g`` raise in every forward for which ``when(tokens, input_pos, failures)``
+    is true: the layers before it have run, and written the cache, when it fails. Yields a dict
+    whose "failures" counts the raises."""
+    real_forward = g.model.forward
+    state = {"armed": False, "failures": 0}
+
+    def forward(tokens, input_pos=None, cache=None, **kwargs):
+        state["armed"] = when(tokens, input_pos, state["failures"])
+        return real_forward(tokens, input_pos, cache, **kwargs)
+
+    def fail(module, args, output):
+        if state["armed"]:
+            state["armed"], state["failures"] = False, state["failures"] + 1
+            raise RuntimeError("simulated failure in layer 3")
+
+    hook = g.model.layers[3].register_forward_hook(fail)
+    g.model.forward = forward
     try:
-        first = submit(eng, [2, 10, 11], max_tokens=10)
-        wait_all([first])
-        assert first.finish == "error" and "simulated device failure" in first.events[-1].error
-        second = submit(eng, [2, 10, 11], max_tokens=4)
-        wait_all([second])
-        assert second.finish == "length" and len(second.tokens) == 4
+        yield state
     finally:
-        del tiny.model.forward
+        del g.model.forward
+        hook.remove()
+
+
+def test_a_transient_step_failure_is_retried(tiny, engine_factory):
+    # Two forwards (a prefill or a decode step, whichever runs then) fail once each, half-way
+    # through the layers: retried by halves, every sequence still gets exactly its solo tokens.
+    eng = engine_factory(tiny, max_batch=3, max_context=64)
+    calls = itertools.count(1)
+    with failing_layer(tiny, lambda tokens, pos, failures: next(calls) in (2, 6)) as state:
+        got = [submit(eng, p, max_tokens=12) for p in VICTIMS]
+        wait_all(got)
+    assert state["failures"] == 2
+    for p, c in zip(VICTIMS, got):
+        assert c.finish == "length" and c.tokens == alone(tiny, p, 12)
+
+
+def test_a_failure_inside_a_prompt_chunk_is_retried_exactly(tiny, engine_factory):
+    # The forward of a later prompt chunk fails once after half the layers: those layers have
+    # already rewritten their sliding-window rings (window 8, chunks of 5), which the retry must
+    # not read as the earlier positions it needs.
+    eng = engine_factory(tiny, max_batch=2, max_context=64, prefill_chunk=5)
+    prompts = [[2] + list(range(200, 227)), [2] + list(range(300, 331))]  # 28 and 32 tokens
+    with failing_layer(tiny, lambda tokens, pos, failures: tokens.shape[1] > 1 and int(pos.max()) >= 20
+                       and not failures) as state:
+        got = [submit(eng, p, max_tokens=10) for p in prompts]
+        wait_all(got)
+    assert state["failures"] == 1
+    for p, c in zip(prompts, got):
+        assert c.finish == "length" and c.tokens == alone(tiny, p, 10)
+
+
+def test_a_step_failure_is_pinned_on_its_sequence(tiny, engine_factory):
+    # Every forward that holds a row past position 40 fails: only the long sequence goes there.
+    # It fails alone after its tokens up to there; the others, in the same decode steps, get
+    # exactly their solo tokens; the engine keeps serving.
+    eng = engine_factory(tiny, max_batch=4, max_context=64, prefill_chunk=8)
+    with failing_layer(tiny, lambda tokens, pos, failures: bool((pos >= 40).any())):
+        long = submit(eng, [2] + list(range(100, 129)), max_tokens=20)  # 30 prompt tokens: fails at 40
+        got = [submit(eng, p, max_tokens=20) for p in VICTIMS]
+        wait_all([long, *got])
+        again = submit(eng, VICTIMS[0], max_tokens=5)
+        wait_all([again])
+    assert long.finish == "error" and "simulated failure" in long.events[-1].error
+    assert len(long.tokens) == 11  # one from the prefill, ten decoded at positions 30..39; 40 fails
+    for p, c in zip(VICTIMS, got):
+        assert c.finish == "length" and c.tokens == alone(tiny, p, 20)
+    assert again.tokens == alone(tiny, VICTIMS[0], 5) and eng.live == 0
+
+
+def test_a_prefill_failure_is_pinned_on_its_sequence(tiny, engine_factory):
+    # A token that makes every forward holding it fail, in one prompt prefilled with others.
+    poison = 77
+    eng = engine_factory(tiny, max_batch=4, max_context=64)
+    collectors = [Collector() for _ in range(4)]
+    prompts = [VICTIMS[0], [2, 40, poison, 41], *VICTIMS[1:]]
+    with failing_layer(tiny, lambda tokens, pos, failures: bool(((tokens == poison) & (pos >= 0)).any())):
+        eng.submit([eng.new_seq(p, SamplingParams(max_tokens=8, temperature=0.0), c)
+                    for p, c in zip(prompts, collectors)])  # one admission: one prefill run of 4 rows
+        wait_all(collectors)
+    bad = collectors[1]
+    assert bad.finish == "error" and "simulated failure" in bad.events[-1].error and not bad.tokens
+    for p, c in zip(prompts, collectors):
+        if c is not bad:
+            assert poison not in alone(tiny, p, 8)  # the victims never feed the poison themselves
+            assert c.finish == "length" and c.tokens == alone(tiny, p, 8)
+
+
+def test_a_sampling_failure_ends_only_its_sequence(tiny, engine_factory, monkeypatch):
+    # The reported overflow: a huge top_k that reaches the sampler raises there. Whatever the
+    # sampler does with it, a raise must end that sequence alone.
+    import opengemma.serve.engine as engine_module
+
+    real_sample = engine_module.sample_next_token
+
+    def overflowing(logits, generator, temperature, top_k, top_p):
+        if top_k is not None and top_k > logits.shape[-1]:
+            raise RuntimeError("value cannot be converted to type int64 without overflow")
+        return real_sample(logits, generator, temperature, top_k, top_p)
+
+    monkeypatch.setattr(engine_module, "sample_next_token", overflowing)
+    eng = engine_factory(tiny, max_batch=4, max_context=64)
+    got = [submit(eng, p, max_tokens=15) for p in VICTIMS[:2]]
+    bad = submit(eng, [2, 9], max_tokens=15, temperature=1.0, top_k=2**63, seed=1)
+    got.append(submit(eng, VICTIMS[2], max_tokens=15))
+    wait_all([bad, *got])
+    assert bad.finish == "error" and "overflow" in bad.events[-1].error
+    for p, c in zip(VICTIMS, got):
+        assert c.finish == "length" and c.tokens == alone(tiny, p, 15)
+
+
+def test_non_finite_logits_end_only_their_sequence(tiny, engine_factory):
+    # Token 77's embedding turns into NaN inside the model (a corrupt row of weights seen only by
+    # the prompts that use it): that sequence ends with a clear error, the batch goes on, and the
+    # next tenant of its slot is not poisoned by the NaN keys and values it left behind.
+    poison = 77
+    hook = tiny.model.embed.register_forward_hook(
+        lambda module, args, out: out.masked_fill((args[0] == poison)[..., None], float("nan")))
+    eng = engine_factory(tiny, max_batch=2, max_context=64)
+    reuse = Collector()
+
+    class Bad(Collector):
+        def __call__(self, event):  # called on the engine thread, while `a` still holds slot 0
+            if event.finish_reason is not None:
+                eng.submit([eng.new_seq(VICTIMS[0], SamplingParams(max_tokens=20, temperature=0.0), reuse)])
+            super().__call__(event)
+
+    a, bad = Collector(), Bad()
+    try:
+        eng.submit([eng.new_seq(VICTIMS[1], SamplingParams(max_tokens=50, temperature=0.0), a),
+                    eng.new_seq([2, poison] + list(range(100, 130)), SamplingParams(max_tokens=20, temperature=0.0),
+                                bad)])  # NaN keys and values at positions 1..31 of slot 1
+        wait_all([a, bad, reuse])
+    finally:
+        hook.remove()
+    assert bad.finish == "error" and bad.events[-1].error == "the model produced non-finite logits"
+    assert not bad.tokens
+    assert a.tokens == alone(tiny, VICTIMS[1], 50) and a.finish == "length"
+    assert reuse.tokens == alone(tiny, VICTIMS[0], 20) and reuse.finish == "length"  # in slot 1
 
 
 def test_queue_bound_drain_and_abort(tiny, engine_factory):

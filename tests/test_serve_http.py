@@ -98,6 +98,17 @@ def test_models_and_health(server, client):
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
+def test_banner_and_openapi(server):
+    banner = next(line for line in server.lines if " on http://" in line)
+    assert banner.startswith(f"opengemma serve: gemma3-270m on {server.url} (auth: on;"), banner
+    r = httpx.get(f"{server.url}/openapi.json", timeout=10)  # no key needed: a description, as /health
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CompletionRequest"}
+    assert {"CompletionRequest", "ChatCompletionRequest", "Error"} <= set(doc["components"]["schemas"])
+
+
 def test_completion_equals_generate(client, real_gemma):
     prompts = ["The capital of France is", "1 + 1 ="]
     r = client.completions.create(model="gemma3-270m", prompt=prompts, max_tokens=12, temperature=0)

@@ -1,12 +1,15 @@
 """Life-cycle tests of ``opengemma serve``: a client killed mid-stream frees its slot at once and the
 server stays healthy; a full queue answers 429 with Retry-After; SIGTERM during streams drains
-(in-flight requests finish or are cancelled cleanly, new ones are refused) and exits 0.
+(in-flight requests finish or are cancelled cleanly, new ones are refused) and exits 0; an empty
+API key and a port in use are one-line errors before the model loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -147,3 +150,28 @@ def _refused(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return False
+
+
+def _serve_fails(*args: str, env: dict | None = None) -> str:
+    """Run ``python -m opengemma.serve ARGS``; it must fail with one line on stderr. Returns it."""
+    proc = subprocess.run([sys.executable, "-m", "opengemma.serve", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no traceback, and no "loading ...": it failed before the load
+    return lines[0]
+
+
+def test_empty_api_key_is_an_error():
+    for args, env in ((["--api-key", ""], None), ([], {"OPENGEMMA_API_KEY": ""}), (["--api-key", "  "], None)):
+        line = _serve_fails("--port", "0", *args, env=env)
+        assert line.startswith("opengemma: error: the API key is empty"), line
+
+
+def test_port_in_use_is_reported_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _serve_fails("--port", str(port))
+    assert line.startswith(f"opengemma: error: cannot listen on 127.0.0.1:{port}") and "in use" in line, line

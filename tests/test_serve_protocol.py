@@ -106,3 +106,116 @@ def test_cli_defaults_are_safe():
     assert model_id("gemma3-270m (embedded, Q4_K_M GGUF)") == "gemma3-270m" and model_id("x.gguf") == "x"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--max-batch", "0"])
+
+
+@pytest.mark.parametrize("top_k,want", [(2**63, None), (1e30, None), (262144, None), (10**400, None), (0, None),
+                                        (-1, None), (40, 40), (262143, 262143), (40.0, 40)])
+def test_top_k_never_reaches_the_engine_unbounded(info, top_k, want):
+    # The reported crash: 2**63 and 1e30 overflowed the engine step. Any k >= the vocabulary keeps
+    # every token, which is what "off" means.
+    (p,) = parse_completion({"prompt": "x", "top_k": top_k, "temperature": 1}, info).params
+    assert p.top_k == want
+
+
+class NoTokenizer:
+    """A tokenizer that must not be called: the check before it has to answer."""
+
+    vocab_size = 262144
+
+    def id_to_piece(self, i: int) -> str:
+        return "x" * 31 if i == 0 else "x"
+
+    def encode(self, text, bos=True):
+        raise AssertionError("tokenized a text that cannot fit the context")
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"prompt": "x", "temperature": 1e400}, "temperature", None),  # json.loads gives inf
+    ({"prompt": "x", "top_p": -1e400}, "top_p", None),
+    ({"prompt": "x", "temperature": 10**400}, "temperature", None),
+    ({"prompt": "x", "seed": 2**64}, "seed", None),
+    ({"prompt": "x", "seed": 1e30}, "seed", None),
+    ({"prompt": "x", "n": True}, "n", None),
+    ({"prompt": "x", "max_tokens": "16"}, "max_tokens", None),
+    ({"prompt": "x", "max_tokens": 16.5}, "max_tokens", None),
+    ({"prompt": "x", "top_k": -2}, "top_k", None),
+    ({"prompt": "x", "top_k": "all"}, "top_k", None),
+    ({"prompt": "x", "stop": "a" * 1001}, "stop", None),
+    ({"prompt": [[2, 3]] * 17}, "prompt", None),
+    ({"prompt": [2, -1]}, "prompt", None),
+    ({"prompt": "x", "model": "m" * 300}, "model", None),
+    ({"prompt": "x", "logit_bias": {"5": 1e400}}, "logit_bias", None),
+    ({"prompt": "x", "tools": [{}] * 200}, "tools", None),
+    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options", None),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format", None),
+    ({"prompt": [[[3]]]}, "prompt", None),
+    ({"prompt": "x" * (256 * 31 + 1)}, "prompt", "context_length_exceeded"),
+    ({"prompt": [7] * 100_000}, "prompt", "context_length_exceeded"),
+])
+def test_every_field_is_bounded(body, param, code):
+    info = ServeInfo(NoTokenizer(), 262144, 256, "gemma3-270m")
+    with pytest.raises(ApiError) as e:
+        parse_completion(body, info)
+    assert e.value.status == 400 and e.value.param == param and e.value.code == code, e.value.message
+    assert len(e.value.message) < 400  # a huge value is never echoed back whole
+
+
+@pytest.mark.parametrize("messages,code", [
+    ([{"role": "user", "content": "x" * (256 * 31 + 1)}], "context_length_exceeded"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 40, "context_length_exceeded"),
+    ([{"role": "tool", "content": "42"}], None),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], None),
+    ([{"role": "user", "content": "hi", "extra": [[[[]]]]}, "x"], None),
+])
+def test_chat_messages_are_bounded(messages, code):
+    info = ServeInfo(NoTokenizer(), 262144, 256, "gemma3-270m")
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": messages}, info)
+    assert e.value.status == 400 and e.value.param == "messages" and e.value.code == code, e.value.message
+
+
+def test_schema_errors_name_the_field_and_the_bound(info):
+    with pytest.raises(ApiError) as e:
+        parse_completion({"prompt": "x", "seed": 2**64}, info)
+    assert e.value.message == "seed: must be <= 18446744073709551615 (got 18446744073709551616)"
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": [{"role": "wizard", "content": "hi"}]}, info)
+    assert e.value.message.startswith("messages.0.role: Input should be 'system'")
+    with pytest.raises(ApiError) as e:
+        parse_completion({"max_tokens": 3}, info)
+    assert e.value.message == "prompt is required"
+
+
+def test_openapi_describes_the_bounds(info):
+    from opengemma.serve.protocol import openapi
+
+    doc = openapi(info, "0.1.0")
+    schemas = doc["components"]["schemas"]
+    completion = schemas["CompletionRequest"]["properties"]
+    n = next(s for s in completion["n"]["anyOf"] if s.get("type") == "integer")
+    assert (n["minimum"], n["maximum"]) == (1, 16)
+    assert "prompt" in schemas["CompletionRequest"]["required"]
+    assert "messages" in schemas["ChatCompletionRequest"]["required"] and "Message" in schemas
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    json_roundtrip = __import__("json").loads(__import__("json").dumps(doc))
+    assert json_roundtrip == doc
+
+
+def test_cli_rejects_empty_api_keys_and_documents_the_limits():
+    from opengemma.errors import OpenGemmaError
+    from opengemma.serve.cli import _check_api_key
+
+    for key in ("", "   ", " padded"):
+        with pytest.raises(OpenGemmaError):
+            _check_api_key(key)
+    _check_api_key(None)
+    _check_api_key("sk-1")
+    text = build_parser().format_help()
+    for flag in ("--timeout-header", "--timeout-body", "--timeout-keep-alive", "--max-connections"):
+        assert flag in text
+    args = build_parser().parse_args([])
+    assert (args.timeout_header, args.timeout_body, args.max_connections) == (10.0, 30.0, 512)
+    for bad_value in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--timeout-body", bad_value])

@@ -36,7 +36,7 @@ from gguf.quants import dequantize as _gguf_dequantize
 
 from ..config import GLOBAL, LOCAL, GemmaConfig, layer_pattern
 from ..errors import OpenGemmaError
-from . import as_dtype, check_state_dict, require_path
+from . import as_dtype, check_finite, check_state_dict, require_path
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 _MAGIC = b"GGUF"
@@ -382,7 +382,8 @@ def dequantize(buf, info: TensorInfo) -> np.ndarray:
     """Float32 values of one tensor, shaped ``info.shape`` (a fresh array, not a view of ``buf``)."""
     raw = np.frombuffer(buf, np.uint8, info.n_bytes, info.offset)
     rows = raw.reshape(-1, info.n_bytes // max(1, int(np.prod(info.shape[:-1]))))
-    values = _gguf_dequantize(rows, info.qtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # corrupt scales: check_finite reports them
+        values = _gguf_dequantize(rows, info.qtype)
     if np.shares_memory(values, raw):  # F32 comes back as a view into the mmap, closed after loading
         values = values.copy()
     return values.astype(np.float32, copy=False).reshape(info.shape)
@@ -396,7 +397,8 @@ def _undo_norm_shift(name: str, values: np.ndarray) -> np.ndarray:
 
 
 def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
-    """Config and dequantized state dict (our names, reference norm convention) of a GGUF file."""
+    """Config and dequantized state dict (our names, reference norm convention) of a GGUF file.
+    Every tensor is checked to be finite and plausible (:func:`~opengemma.checkpoints.check_finite`)."""
     with _Mapped(path) as m:
         header, path = m.header, m.path
         config = _config(header, path)
@@ -412,8 +414,9 @@ def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[st
                 raise OpenGemmaError(f"{path}: unexpected tensor {info.name!r} for a Gemma model")
             if name in state:
                 raise OpenGemmaError(f"{path}: duplicate tensor {info.name!r}")
-            values = _undo_norm_shift(info.name, dequantize(m.buf, info))
-            state[name] = torch.from_numpy(values).to(as_dtype(dtype))
+            values = torch.from_numpy(_undo_norm_shift(info.name, dequantize(m.buf, info)))
+            check_finite(info.name, values, path)  # fp32, before a narrowing cast
+            state[name] = values.to(as_dtype(dtype))
         if output is not None:
             tied = torch.from_numpy(dequantize(m.buf, output)).to(as_dtype(dtype))
             if "embed.weight" not in state or not torch.equal(tied, state["embed.weight"]):

@@ -3,7 +3,9 @@
 Part of the checkpoint layer. Reads what ``transformers`` writes for ``GemmaForCausalLM``
 (model_type "gemma"), ``Gemma2ForCausalLM`` ("gemma2"), ``Gemma3ForCausalLM`` ("gemma3_text")
 and the text half of ``Gemma3ForConditionalGeneration`` ("gemma3", config under ``text_config``,
-weights under ``language_model.model.`` or ``model.language_model.``); writes the first three.
+weights under ``language_model.model.`` or ``model.language_model.``); writes the first three,
+with the tokenizer files transformers needs to load them as it loads Google's own checkpoints
+(:func:`tokenizer_files`: BOS added, a chat template equal to opengemma's formatter, both stop ids).
 
 Keys a config.json omits take the defaults of transformers 5.23's config classes -- real files
 rely on that (gemma-3-4b's ``text_config`` names only 6 keys). Both the transformers 5
@@ -26,7 +28,8 @@ from safetensors.torch import save_file
 
 from ..config import GLOBAL, LOCAL, GemmaConfig
 from ..errors import OpenGemmaError
-from . import as_dtype, atomic_write, read_json_object, atomic_write_bytes, check_state_dict, require_path
+from . import (as_dtype, atomic_write, atomic_write_bytes, check_state_dict, checked_cast, read_json_object,
+               require_path)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _REQUIRED = ("hidden_size", "num_hidden_layers", "intermediate_size")
@@ -280,7 +283,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
-    """Config and state dict (our names) of an HF Gemma checkpoint directory."""
+    """Config and state dict (our names) of an HF Gemma checkpoint directory; every tensor is checked
+    to be finite and plausible (:func:`~opengemma.checkpoints.check_finite`)."""
     config = read_config(path)
     path, dtype = Path(path), as_dtype(dtype)
     multimodal = read_json_object(path / "config.json").get("model_type") == "gemma3"
@@ -298,14 +302,14 @@ def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[st
                             continue  # vision tower and projector: not part of the text model
                         name = _MULTIMODAL_PREFIXES[prefix] + key[len(prefix):]
                     if name == "lm_head.weight":
-                        lm_head = f.get_tensor(key).to(dtype)
+                        lm_head = f.get_tensor(key).to(dtype)  # compared with the checked embedding
                         continue
                     if name.endswith("rotary_emb.inv_freq"):  # a cached buffer in old checkpoints
                         continue
                     ours = from_hf_name(name, gemma1)
                     if ours is None:
                         raise OpenGemmaError(f"{file}: unexpected tensor {key!r} for a Gemma model")
-                    state[ours] = f.get_tensor(key).to(dtype)
+                    state[ours] = checked_cast(key, f.get_tensor(key), dtype, file)
         except (SafetensorError, OSError) as e:
             raise OpenGemmaError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
     # Gemma ties the output projection to the embedding; a stored copy must be exactly that.
@@ -316,11 +320,76 @@ def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[st
     return config, state
 
 
+# -- tokenizer files ------------------------------------------------------------------------------
+# Jinja of opengemma.chat.format_chat, for tokenizer.apply_chat_template: <bos> once; each turn
+# "<start_of_turn>{user|model}\n{content | trim}<end_of_turn>\n"; a leading system message is
+# folded into the first user turn as system + "\n\n" (not trimmed); "assistant" means "model";
+# format_chat's errors are raise_exception() calls. It is Gemma 3's own template (text part) plus
+# format_chat's stricter checks, so a valid conversation renders to the same ids either way.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- if not loop_messages -%}"
+    "{{ raise_exception('a system message must be followed by a user message') }}{%- endif -%}"
+    "{%- else -%}{%- set system = none -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- if not loop_messages -%}"
+    "{{ raise_exception('messages is empty: a conversation needs at least one user message') }}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['content'] is not string -%}"
+    "{{ raise_exception('message content must be a string') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] in ['model', 'assistant'] else message['role'] -%}"
+    "{%- if role != ('user' if loop.index0 % 2 == 0 else 'model') -%}"
+    "{{ raise_exception('roles must alternate user/model, starting with user; only the first message "
+    "may be a system message') }}{%- endif -%}"
+    "{%- set body = message['content'] | trim -%}"
+    "{%- if loop.first and system is not none -%}{%- set body = system + '\\n\\n' + body -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + body + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if loop_messages[-1]['role'] in ['model', 'assistant'] -%}"
+    "{{ raise_exception('add_generation_prompt needs the conversation to end with a user message') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>model\\n' }}"
+    "{%- endif -%}"
+)
+
+
+def tokenizer_files(tokenizer, config: GemmaConfig) -> dict[str, dict]:
+    """tokenizer_config.json, special_tokens_map.json and generation_config.json for ``tokenizer``
+    (an :class:`opengemma.tokenizer.Tokenizer`), as Google's Gemma checkpoints ship them: without
+    them transformers adds no ``<bos>`` (Gemma's outputs degrade badly without it), knows no chat
+    template, and stops generation at ``<eos>`` only, never at ``<end_of_turn>``."""
+    piece = tokenizer.id_to_piece
+    specials = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+                "unk_token": piece(tokenizer.unk_id)}
+    if tokenizer.pad_id >= 0:
+        specials["pad_token"] = piece(tokenizer.pad_id)
+    turns = [p for p in ("<start_of_turn>", "<end_of_turn>") if _has_piece(tokenizer, p)]
+    if turns:
+        specials["additional_special_tokens"] = turns
+    tok_config = {
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        **specials, "model_max_length": config.context_length, "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False, "sp_model_kwargs": {}, "use_default_system_prompt": False,
+    }
+    if len(turns) == 2:  # the chat format needs both turn markers
+        tok_config["chat_template"] = CHAT_TEMPLATE
+    gen_config = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids)}
+    if tokenizer.pad_id >= 0:
+        gen_config["pad_token_id"] = tokenizer.pad_id
+    return {"tokenizer_config.json": tok_config, "special_tokens_map.json": specials,
+            "generation_config.json": gen_config}
+
+
 def save(path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],
          tokenizer_model_bytes: bytes | None = None) -> None:
-    """Write an HF checkpoint directory (config.json, model.safetensors, tokenizer.model) that
-    ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Each file is written atomically;
-    config.json goes last, so a directory with a config.json holds complete weights."""
+    """Write an HF checkpoint directory that ``transformers`` loads as it loads Google's own:
+    config.json and model.safetensors for ``AutoModelForCausalLM.from_pretrained``; with a
+    tokenizer, tokenizer.model plus tokenizer_config.json (BOS added, the chat template of
+    :func:`opengemma.chat.format_chat`), special_tokens_map.json and generation_config.json
+    (stop at ``<eos>`` and ``<end_of_turn>``) for ``AutoTokenizer`` and ``generate``. Each file
+    is written atomically; config.json goes last, so a directory with a config.json is complete."""
     check_state_dict(config, state_dict, "state dict to save")
     dtypes = {t.dtype for t in state_dict.values()}
     hf_config = config_to_hf(config, dtypes.pop() if len(dtypes) == 1 else torch.float32)
@@ -330,5 +399,24 @@ def save(path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     if tokenizer_model_bytes is not None:
+        from ..tokenizer import Tokenizer
+
         atomic_write_bytes(path / "tokenizer.model", tokenizer_model_bytes)
-    atomic_write_bytes(path / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+        tokenizer = Tokenizer.from_file(path / "tokenizer.model")  # the ids exactly as written
+        for name, data in tokenizer_files(tokenizer, config).items():
+            atomic_write_bytes(path / name, _json_bytes(data))
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None)
+    atomic_write_bytes(path / "config.json", _json_bytes(hf_config))
+
+
+def _has_piece(tokenizer, piece: str) -> bool:
+    try:
+        tokenizer.piece_to_id(piece)
+    except OpenGemmaError:
+        return False
+    return True
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()

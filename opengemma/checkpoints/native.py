@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import GemmaConfig
 from ..errors import OpenGemmaError
-from . import as_dtype, atomic_write, read_json_object, atomic_write_bytes, check_state_dict, require_path
+from . import (as_dtype, atomic_write, atomic_write_bytes, check_state_dict, checked_cast, read_json_object,
+               require_path)
 
 FORMAT = "opengemma"
 FORMAT_VERSION = 1
@@ -67,7 +68,8 @@ def read_config(path) -> GemmaConfig:
 
 
 def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
-    """Config and state dict of an opengemma checkpoint directory."""
+    """Config and state dict of an opengemma checkpoint directory; every tensor is checked to be
+    finite and plausible (:func:`~opengemma.checkpoints.check_finite`)."""
     config = read_config(path)
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
@@ -78,7 +80,7 @@ def load(path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[st
         raise OpenGemmaError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
     check_state_dict(config, state, path)
     dtype = as_dtype(dtype)
-    return config, {k: v.to(dtype) for k, v in state.items()}
+    return config, {k: checked_cast(k, v, dtype, weights) for k, v in state.items()}
 
 
 def save(path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],

@@ -17,8 +17,10 @@ import datetime
 import os
 import sys
 
+from ..cli import float_range, int_range, seed_type
 from ..errors import OpenGemmaError
 
+_positive = int_range(1)
 DESCRIPTION = ("Evaluate a model as the Gemma report does: the Table 6 benchmarks (log-likelihood multiple "
                "choice with prefix reuse, generation with answer extraction, sandboxed code execution), "
                "memorization rates with a personal-data scan, and Table 5 side-by-side win rates. Prints "
@@ -33,7 +35,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quantize", "-q", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the evaluated model (and of --baseline / --judge)")
-    p.add_argument("--tasks", "-t", default=None,
+    p.add_argument("--tasks", default=None,
                    help="comma-separated tasks, or 'all' (mmlu, hellaswag, piqa, siqa, boolq, winogrande, "
                         "commonsense_qa, openbookqa, arc_easy, arc_challenge, triviaqa, natural_questions, "
                         "humaneval, mbpp, gsm8k, math, agieval, bbh)")
@@ -43,18 +45,21 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--card-shots", action="store_true",
                    help="use the Gemma 3 model card's shot counts where they differ (HellaSwag 10, ARC-c 25, "
                         "WinoGrande 5)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
-    p.add_argument("--batch-size", "-b", type=int, default=16, help="rows per forward pass (default 16)")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N items of each task")
+    p.add_argument("--batch-size", "-b", type=int_range(1, 1 << 16), default=16,
+                   help="rows per forward pass (default 16)")
     p.add_argument("--data-dir", default=None,
                    help="local benchmark JSONL (original field names, laid out as ../shared/benchmarks); default "
                         "$OPENGEMMA_EVAL_DATA, else ../shared/benchmarks if it exists, else the hub")
     p.add_argument("--hub", action="store_true",
                    help="read the benchmarks from the Hugging Face hub through `datasets` (pip install "
                         "'opengemma[eval]')")
-    p.add_argument("--samples", type=int, default=1, help="samples per item: maj@k (GSM8K, MATH), pass@k (code)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature when --samples > 1 "
-                   "(default 0.2 then)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int_range(1, 1 << 16), default=1,
+                   help="samples per item: maj@k (GSM8K, MATH), pass@k (code)")
+    # -t is --temperature in every verb; it was --tasks here, so a task list after -t gets a hint.
+    p.add_argument("--temperature", "-t", type=float_range(0.0, hint=" (-t is --temperature; tasks go after --tasks)"),
+                   default=0.0, help="sampling temperature when --samples > 1 (default 0.2 then)")
+    p.add_argument("--seed", type=seed_type, default=0, help="random seed (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap generation prompts as a user turn through the chat "
                    "formatter (instruction-tuned models; log-likelihood tasks are scored on raw text)")
     p.add_argument("--output", "-o", default=None, metavar="JSON", help="write the results here")
@@ -63,7 +68,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--memorization", action="append", default=None, metavar="NAME=PATH",
                    help="memorization on a corpus (.jsonl with a text field, or .txt one document per line); "
                         "repeatable")
-    p.add_argument("--memorization-n", type=int, default=10_000, help="documents sampled per corpus (10,000)")
+    p.add_argument("--memorization-n", type=_positive, default=10_000, help="documents sampled per corpus (10,000)")
     p.add_argument("--text-field", default="text", help="JSONL field holding a corpus document")
     p.add_argument("--sxs", default=None, metavar="PROMPTS",
                    help="side-by-side on these prompts (.jsonl with 'prompt', or .txt one per line)")
@@ -71,7 +76,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--judge", default=None, metavar="MODEL|URL",
                    help="judge: an opengemma model, or the base URL of an OpenAI-compatible endpoint")
     p.add_argument("--judge-model", default=None, help="model name to send to an endpoint judge")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="response length for side-by-side")
+    p.add_argument("--max-new-tokens", "-n", type=_positive, default=256, help="response length for side-by-side")
     return p
 
 
@@ -79,18 +84,23 @@ def parse_shots(text: str | None) -> tuple[int | None, dict[str, int]]:
     """'5' -> (5, {}); 'hellaswag=10,arc_c=25' -> (None, {...})."""
     if not text:
         return None, {}
-    from .tasks import ALIASES
+    from .tasks import ALIASES, TASKS
 
     try:
         if "=" not in text:
-            return int(text), {}
-        per = {}
-        for part in text.split(","):
-            k, v = part.split("=")
-            per[ALIASES.get(k.strip(), k.strip())] = int(v)
-        return None, per
+            every, per = int(text), {}
+        else:
+            every, per = None, {}
+            for part in text.split(","):
+                k, v = part.split("=")
+                per[ALIASES.get(k.strip(), k.strip())] = int(v)
     except ValueError:
         raise OpenGemmaError(f"--shots {text!r}: expected N or task=N,task=N") from None
+    if unknown := sorted(set(per) - set(TASKS)):
+        raise OpenGemmaError(f"--shots {text!r}: unknown task(s) {', '.join(map(repr, unknown))}")
+    if any(n < 0 for n in [every or 0, *per.values()]):
+        raise OpenGemmaError(f"--shots {text!r}: shot counts must be at least 0")
+    return every, per
 
 
 def default_data_dir(args) -> str | None:

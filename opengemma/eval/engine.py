@@ -19,13 +19,14 @@ tests compare against and the baseline of ``bench/eval_prefix_reuse.py``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import OpenGemmaError
-from ..generate import GenerationConfig, generate, prefill
+from ..generate import GenerationConfig, NonFiniteLogitsError, generate, prefill
 from ..model import KVCache
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -86,6 +87,16 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     top, arg = logits.max(dim=-1)  # [...]
     lse = top + (logits - top[..., None]).exp_().sum(dim=-1).log_()
     return picked - lse, arg == targets
+
+
+def _finite(results: list[list[tuple[float, bool]]]) -> list[list[tuple[float, bool]]]:
+    """``results`` unchanged, or NonFiniteLogitsError if a log-probability is NaN/inf: the model's
+    logits were not finite (a log-softmax of finite logits is finite), and a NaN score would
+    silently lose every comparison. The values are host floats already: the check is free."""
+    if not all(math.isfinite(lp) for res in results for lp, _ in res):
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN/inf) while scoring: "
+                                   "the weights are probably corrupt")
+    return results
 
 
 class Scorer:
@@ -152,7 +163,7 @@ class Scorer:
                     logits = self.model(tokens)[0, -len(cont):]  # [len(cont), V]
                     lp, greedy = _token_logprobs(logits, torch.tensor(cont, device=dev))
                     res.append((float(lp.sum()), bool(greedy.all())))
-                out.append(res)
+                out.append(_finite([res])[0])
                 if progress:
                     progress(1)
         return out
@@ -224,7 +235,7 @@ class Scorer:
                 m = len(c) - 1
                 results[i][j][0] += float(lp[row, :m].sum())
                 results[i][j][1] = results[i][j][1] and bool(greedy[row, :m].all())
-        return [[(float(a), bool(b)) for a, b in res] for res in results]
+        return _finite([[(float(a), bool(b)) for a, b in res] for res in results])
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

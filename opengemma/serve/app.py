@@ -1,14 +1,19 @@
 """The HTTP side of ``opengemma serve``: a plain ASGI application (run by uvicorn) in OpenAI's shapes.
 
 Part of the serving side. Routes: ``GET /health``, ``GET /metrics`` (Prometheus text),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``;
-the last two answer JSON, or server-sent events ending in ``data: [DONE]`` with ``"stream": true``.
+``GET /openapi.json``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions``; the last two answer JSON, or server-sent events ending in
+``data: [DONE]`` with ``"stream": true``.
 
 Every request is validated (:mod:`opengemma.serve.protocol`) before it reaches the engine; every
 failure is an OpenAI error body with a 4xx status (5xx only for our own faults), and nothing a
 client sends can reach the engine thread's state except through :meth:`Engine.submit` and
-:meth:`Engine.cancel`. A watcher task listens for the client going away (ASGI ``http.disconnect``)
-and cancels the request's sequences at once, freeing their KV slots before the next step.
+:meth:`Engine.cancel`. The body must arrive within ``body_timeout`` seconds (else 408 and the
+connection is closed: a client trickling its body cannot hold a connection); it is parsed,
+validated and tokenized in a worker thread, so a large prompt never stalls the event loop that
+feeds every running stream. A watcher task listens for the client going away (ASGI
+``http.disconnect``) and cancels the request's sequences at once, freeing their KV slots before
+the next step.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .protocol import (
     ServeInfo,
     chat_logprobs,
     completion_logprobs,
+    openapi,
     parse_chat,
     parse_completion,
     parse_json,
@@ -39,9 +45,11 @@ log = logging.getLogger("opengemma.serve")
 
 MAX_BODY = 8 * 2**20  # bytes; far above any prompt that fits a context
 _DISCONNECTED = object()  # queued by the watcher when the client goes away
+CLOSE = {"connection": "close"}  # on errors before the body is read: the rest of it is not waited for
 
 ROUTES = {  # path -> (method, endpoint name used in metrics)
     "/health": ("GET", "health"),
+    "/openapi.json": ("GET", "openapi"),
     "/metrics": ("GET", "metrics"),
     "/v1/models": ("GET", "models"),
     "/v1/completions": ("POST", "completions"),
@@ -53,11 +61,14 @@ class App:
     """The ASGI callable. ``loop`` must be the event loop uvicorn runs on (engine events are handed
     to it with ``call_soon_threadsafe``); :meth:`bind` sets it and the engine's ``deliver``."""
 
-    def __init__(self, engine: Engine, info: ServeInfo, *, metrics: Metrics, api_key: str | None = None):
+    def __init__(self, engine: Engine, info: ServeInfo, *, metrics: Metrics, api_key: str | None = None,
+                 body_timeout: float | None = 30.0):
         self.engine = engine
         self.info = info
         self.metrics = metrics
         self.api_key = api_key
+        self.body_timeout = body_timeout  # seconds for the whole request body; None: no limit
+        self._openapi: bytes | None = None
         self.created = int(time.time())
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -89,10 +100,16 @@ class App:
             if method != want:
                 raise ApiError(405, f"{path} only answers {want}, not {method}", code="method_not_allowed",
                                headers={"allow": want})
-            if endpoint not in ("health",):
+            if endpoint not in ("health", "openapi"):  # open to probes and API browsers
                 self._authorize(scope)
             if endpoint == "health":
                 status = await self._health(send)
+            elif endpoint == "openapi":
+                if self._openapi is None:
+                    from .. import __version__
+
+                    self._openapi = json.dumps(openapi(self.info, __version__)).encode()
+                status = await _send_bytes(send, 200, self._openapi, "application/json")
             elif endpoint == "metrics":
                 status = await _send_bytes(send, 200, self.metrics.render().encode(),
                                            "text/plain; version=0.0.4; charset=utf-8")
@@ -136,11 +153,14 @@ class App:
 
     # -- generation ------------------------------------------------------------------------------------
     async def _generate(self, endpoint: str, receive, send) -> int:
-        raw = await _read_body(receive)
+        try:
+            raw = await asyncio.wait_for(_read_body(receive), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                           code="request_timeout", headers=CLOSE) from None
         if raw is None:
             return 499  # the client left before sending its body
-        body = parse_json(raw)
-        req = (parse_chat if endpoint == "chat" else parse_completion)(body, self.info)
+        req = await asyncio.to_thread(_parse, endpoint, raw, self.info)
         total = len(req.prompts) * req.n
         if total > self.engine.max_batch + self.engine.max_queue:
             raise ApiError(400, f"{total} choices in one request exceed the server's capacity of "
@@ -166,6 +186,10 @@ class App:
             for seq, finished in zip(seqs, done):
                 if not finished:
                     self.engine.cancel(seq)  # client gone or error: free the slot now
+
+
+def _parse(endpoint: str, raw: bytes, info: ServeInfo) -> GenRequest:
+    return (parse_chat if endpoint == "chat" else parse_completion)(parse_json(raw), info)
 
 
 def _dispatch(batch: list) -> None:
@@ -194,7 +218,8 @@ async def _read_body(receive) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
-            raise ApiError(413, f"request body is larger than {MAX_BODY // 2**20} MiB", code="request_too_large")
+            raise ApiError(413, f"request body is larger than {MAX_BODY // 2**20} MiB", code="request_too_large",
+                           headers=CLOSE)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

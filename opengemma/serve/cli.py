@@ -2,12 +2,20 @@
 
 Part of the serving side. :func:`add_serve_parser` adds the ``serve`` subcommand to the
 ``opengemma`` program; :func:`run_serve` runs it; :func:`main` is the same program on its own
-(``python -m opengemma.serve``). Life cycle: load the model, check the KV cache fits in memory,
-bind the socket (127.0.0.1 unless told otherwise), start the engine thread, then serve with
-uvicorn until SIGTERM or SIGINT. The first signal drains: the listening socket closes, new
+(``python -m opengemma.serve``). Life cycle: check the options (an empty API key is an error),
+bind and listen on the socket (127.0.0.1 unless told otherwise) so that a port in use is reported
+at once, load the model, check the KV cache fits in memory, start the engine thread, then serve
+with uvicorn until SIGTERM or SIGINT. The first signal drains: the listening socket closes, new
 requests get 503, requests in flight run to their end (for at most ``--shutdown-timeout`` seconds,
 after which they are cancelled with an error event), and the process exits 0. A second SIGINT
 cancels what is in flight at once.
+
+Slow or stalled clients are bounded with what uvicorn offers: ``--max-connections`` (uvicorn's
+``limit_concurrency``: 503 beyond it), ``--timeout-keep-alive`` for idle connections, its 16 KiB
+limit on a request head, and its backlog. uvicorn has no deadline for a request head, so
+:func:`_protocol` adds one to its h11 protocol class (``--timeout-header``: a connection that has
+not sent a whole head in time gets 408 and is closed); the body's deadline (``--timeout-body``)
+is the app's.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -26,6 +35,7 @@ import sys
 from ..errors import OpenGemmaError
 
 QUANTIZE = ("none", "int8", "int4")
+BACKLOG = 2048  # uvicorn's default
 DEFAULT_CONTEXT = 4096
 
 DESCRIPTION = ("Serve MODEL over HTTP with an OpenAI-compatible API: GET /v1/models, POST /v1/completions, "
@@ -48,6 +58,16 @@ def _int_in(lo: int, hi: int | None = None):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < 86400:  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(f"must be more than 0 and less than a day, got {text}")
+    return value
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to serve (default: embedded 270M)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bf16 on GPU)")
@@ -65,7 +85,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=_int_in(1), default=256,
                    help="prompt tokens prefilled per step, so long prompts do not stall streams (default 256)")
     p.add_argument("--api-key", default=os.environ.get("OPENGEMMA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $OPENGEMMA_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' (default: $OPENGEMMA_API_KEY, else no key; an empty "
+                        "key is an error)")
+    p.add_argument("--max-connections", type=_int_in(1), default=512,
+                   help="open connections (or requests) at once; beyond that: HTTP 503 (default 512)")
+    p.add_argument("--timeout-header", type=_seconds, default=10.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers, then 408 and closed "
+                        "(default 10)")
+    p.add_argument("--timeout-body", type=_seconds, default=30.0, metavar="S",
+                   help="seconds a request may take to send its body, then 408 and closed (default 30)")
+    p.add_argument("--timeout-keep-alive", type=_seconds, default=5.0, metavar="S",
+                   help="seconds an idle keep-alive connection is kept open (default 5)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: from the model)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
@@ -128,6 +158,66 @@ def _check_kv_budget(g, max_batch: int, max_context: int) -> int:
     return need
 
 
+def _check_api_key(key: str | None) -> None:
+    if key is None:
+        return
+    if not key.strip():
+        raise OpenGemmaError("the API key is empty (--api-key '' or OPENGEMMA_API_KEY=): give a key, or unset "
+                             "OPENGEMMA_API_KEY and drop --api-key to serve without one")
+    if key != key.strip():
+        raise OpenGemmaError("the API key starts or ends with whitespace, which no client can send: remove it")
+
+
+def _protocol(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline for each request head: from the connection's start,
+    or from the first byte of a later request on a kept-alive connection, to the end of the head.
+    Past it the connection gets 408 and is closed (a slowloris client holds nothing for long)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .protocol import ApiError
+
+    body = json.dumps(ApiError(408, f"the request headers did not arrive within {header_timeout:g} s",
+                               code="request_timeout").body()).encode()
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:  # a head has begun and is not complete
+                self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._head_timer is None and not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return Protocol
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -141,6 +231,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OpenGemmaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(BACKLOG)  # the port is ours from now on; connections wait in the backlog until serving starts
     sock.set_inheritable(True)
     return sock
 
@@ -154,10 +245,15 @@ def _is_loopback(host: str) -> bool:
 
 def run_serve(args) -> int:
     """Run the server until a signal; returns the exit status (0 after a graceful shutdown)."""
+    _check_api_key(args.api_key)
     try:
+        import pydantic
         import uvicorn
-    except ImportError:
-        raise OpenGemmaError("opengemma serve needs uvicorn: pip install 'opengemma[serve]'") from None
+    except ImportError as e:
+        raise OpenGemmaError(f"opengemma serve needs {e.name}: pip install 'opengemma[serve]'") from None
+    if int(pydantic.VERSION.split(".")[0]) < 2:
+        raise OpenGemmaError(f"opengemma serve needs pydantic 2, found {pydantic.VERSION}: "
+                             "pip install 'opengemma[serve]'")
     import torch
 
     from .app import App
@@ -170,18 +266,26 @@ def run_serve(args) -> int:
     if args.shutdown_timeout < 0:
         raise OpenGemmaError("--shutdown-timeout must be >= 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s", stream=sys.stderr)
-    print(f"opengemma serve: loading {args.model or 'the embedded model'} ...", file=sys.stderr, flush=True)
-    g = _load(args)
-    max_context = min(args.max_context, g.config.context_length)
-    kv_bytes = _check_kv_budget(g, args.max_batch, max_context)
     sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        print(f"opengemma serve: bound {shown}:{port}; loading {args.model or 'the embedded model'} ...",
+              file=sys.stderr, flush=True)
+        g = _load(args)
+        max_context = min(args.max_context, g.config.context_length)
+        kv_bytes = _check_kv_budget(g, args.max_batch, max_context)
+    except BaseException:
+        sock.close()
+        raise
 
     metrics = Metrics()
     engine = Engine(g.model, g.tokenizer, max_batch=args.max_batch, max_context=max_context,
                     max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, metrics=metrics)
     name = args.served_model_name or model_id(g.name)
     info = ServeInfo(g.tokenizer, g.config.vocab_size, max_context, name, frozenset({g.name, model_id(g.name)}))
-    app = App(engine, info, metrics=metrics, api_key=args.api_key)
+    assert info.max_prompt_chars > 0  # computed now (a vocabulary scan), not during the first request
+    app = App(engine, info, metrics=metrics, api_key=args.api_key, body_timeout=args.timeout_body)
     metrics.gauge("queue_depth", "Sequences waiting for a KV slot.", lambda: engine.waiting)
     metrics.gauge("running_sequences", "Sequences holding a KV slot (the decode batch).", lambda: engine.running)
     metrics.gauge("kv_slots", "KV cache slots (--max-batch).", lambda: engine.max_batch)
@@ -197,8 +301,10 @@ def run_serve(args) -> int:
         def install_signal_handlers(self) -> None:  # the same hook in uvicorn < 0.29
             pass
 
-    config = uvicorn.Config(app, http="h11", loop="asyncio", lifespan="off", log_level=args.log_level,
-                            access_log=not args.no_access_log, timeout_keep_alive=5)
+    config = uvicorn.Config(app, http=_protocol(args.timeout_header), loop="asyncio", lifespan="off",
+                            log_level=args.log_level, access_log=not args.no_access_log,
+                            timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.max_connections,
+                            backlog=BACKLOG)
     server = Server(config)
 
     async def serve() -> None:
@@ -221,11 +327,11 @@ def run_serve(args) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(f"opengemma serve: {name} on http://{shown}:{port} (max batch {args.max_batch}, context "
-              f"{max_context}, queue {args.max_queue}, KV cache {kv_bytes / 2**20:,.0f} MiB)", file=sys.stderr,
-              flush=True)
+        auth = "on" if args.api_key else "off"
+        print(f"opengemma serve: {name} on http://{shown}:{port} (auth: {auth}; max batch {args.max_batch}, "
+              f"context {max_context}, queue {args.max_queue}, KV cache {kv_bytes / 2**20:,.0f} MiB; at most "
+              f"{args.max_connections} connections; timeouts: headers {args.timeout_header:g} s, body "
+              f"{args.timeout_body:g} s)", file=sys.stderr, flush=True)
         if not _is_loopback(args.host) and not args.api_key:
             print(f"opengemma serve: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
         try:

@@ -17,6 +17,19 @@ The engine thread loops; each iteration
 3. runs one :func:`opengemma.generate.decode_step` over slots ``0..hi`` (``hi`` = highest busy
    slot + 1; idle rows at position -1) and samples one token per decoding sequence.
 
+Faults stay with the sequence they belong to. A row whose logits are not finite, or whose
+sampling or detokenization raises, ends that sequence alone with an "error" event (the server
+answers 500 for that request) and its slot's keys and values are zeroed (a NaN left there would
+reach the next tenant through the attention's zero weights); the rest of the batch goes on. A
+forward that raises cannot be pinned on a row, so it is retried by halves, older sequences first
+(the newest are the likeliest cause): a half that runs gets its tokens, a half that fails is split
+again, and only a sequence that still fails alone is ended. A decode step only writes the
+position it is given (and the ring slot of a position out of the window), and rewriting it gives
+the same values, so a retried step is exact; a prompt chunk overwrites ring slots that its own
+queries still read, so a failed one is redone from the prompt's start. Either way every surviving
+sequence gets exactly the tokens it gets alone. Only a failure outside the forwards (a bug in
+this module) ends every sequence.
+
 Sampling is per sequence with its own ``torch.Generator`` (seeded from the request), so a
 sequence's tokens never depend on what else is in the batch. Bookkeeping (stop tokens, stop
 strings with holdback, incremental detokenisation, budgets) is :class:`opengemma.generate.RowState`.
@@ -294,7 +307,7 @@ class Engine:
             try:
                 with torch.inference_mode():
                     self._iteration()
-            except Exception as e:  # a failed step must not take the server down: fail its sequences
+            except Exception as e:  # a failure outside the forwards (a bug here): fail everything, keep serving
                 log.exception("engine step failed")
                 self._abort_everything("error", f"internal error in the model step: {type(e).__name__}: {e}")
                 with torch.inference_mode():
@@ -329,6 +342,41 @@ class Engine:
         with self._cond:
             self._live -= 1
         self.metrics.sequence_done(reason, seq.prompt_tokens, time.monotonic() - seq.arrival)
+
+    def _fail(self, seq: Seq, message: str, out: list[tuple[Seq, Event]]) -> None:
+        """End ``seq`` alone with an "error" event; zero its slot (see the module docstring)."""
+        slot = seq.slot
+        event = Event(finish_reason="error", error=message, prompt_tokens=seq.prompt_tokens,
+                      completion_tokens=seq.row.completion_tokens)
+        self._retire(seq, "error")
+        if slot is not None:
+            for t in self.cache.k + self.cache.v:
+                t[slot].zero_()  # [KV, slots, D]
+            self.cache.reset([slot])
+        if not seq.cancelled:
+            out.append((seq, event))
+
+    def _isolated(self, items: list, forward: Callable[[list, list], None], out: list[tuple[Seq, Event]], *,
+                  seq_of: Callable = lambda item: item, redo: Callable = lambda item: item,
+                  retried: bool = False) -> None:
+        """``forward(items, out)``; if it raises, retry by halves, oldest first (``items`` are in
+        admission order) and end only the sequences that still fail alone. ``redo(item)`` is what
+        to run again for an item whose forward failed."""
+        try:
+            forward(items, out)
+            return
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            if not retried:
+                log.exception("model step over %d sequence(s) failed; retrying by halves", len(items))
+        if len(items) == 1 and retried:
+            log.error("sequence %d fails alone in the model step (%s): ending it", seq_of(items[0]).id, error)
+            self._fail(seq_of(items[0]), f"internal error in the model step: {error}", out)
+            return
+        items = [redo(item) for item in items]
+        half = (len(items) + 1) // 2
+        for part in (items[:half], items[half:]) if len(items) > 1 else (items,):
+            self._isolated(part, forward, out, seq_of=seq_of, redo=redo, retried=True)
 
     def _abort_everything(self, reason: str, message: str) -> None:
         out = []
@@ -368,37 +416,50 @@ class Engine:
             budget -= n
         work.sort(key=lambda w: w[0].slot)
         for run in _runs(work, key=lambda w: w[0].slot):
-            lo, hi = run[0][0].slot, run[-1][0].slot + 1
-            fresh = [seq.slot for seq, start, _ in run if start == 0]
-            if fresh:
-                self.cache.reset(fresh)  # forget the slot's previous tenant (its ring holds old positions)
-            view = row_view(self.cache, lo, hi, self._length(max(end for _, _, end in run)))
-            T = max(end - start for _, start, end in run)
-            tokens = torch.full((hi - lo, T), self.pad_id, dtype=torch.long)  # [b, T], built on the host
-            pos = torch.full((hi - lo, T), -1, dtype=torch.long)  # [b, T]; -1: padding, never written
-            at = torch.zeros(hi - lo, dtype=torch.long)  # [b], each row's last chunk position
-            for seq, start, end in run:
-                r = seq.slot - lo
-                tokens[r, :end - start] = torch.tensor(seq.row.prompt_ids[start:end], dtype=torch.long)
-                pos[r, :end - start] = torch.arange(start, end)
-                at[r] = end - start - 1
-            dev = self.device
-            logits = self.model(tokens.to(dev), pos.to(dev), view, logits_at=at.to(dev))[:, 0]  # [b, V]
-            self.prefill_forwards += 1
-            self.metrics.prefilled(sum(end - start for _, start, end in run))
-            ready = []
-            for seq, start, end in run:
-                seq.prefilled = end
-                if end == seq.prompt_tokens:
-                    ready.append((seq, seq.slot - lo))
-            if ready:
-                self._emit(logits, ready, out)
-                self.metrics.first_tokens(len(ready))
+            # A failed chunk is redone from the prompt's start: the layers that ran before the
+            # failure have already rewritten their sliding-window rings with the chunk's keys,
+            # so the earlier positions the chunk attends to are gone.
+            self._isolated(sorted(run, key=lambda w: w[0].order), self._prefill_forward, out,
+                           seq_of=lambda w: w[0], redo=lambda w: (w[0], 0, w[2]))
+
+    def _prefill_forward(self, run: list[tuple[Seq, int, int]], out: list[tuple[Seq, Event]]) -> None:
+        """One forward over the chunks ``run`` (sequences in a range of slots; the range's other
+        rows are padding) and the first token of each prompt that is now complete."""
+        run = sorted(run, key=lambda w: w[0].slot)
+        lo, hi = run[0][0].slot, run[-1][0].slot + 1
+        fresh = [seq.slot for seq, start, _ in run if start == 0]
+        if fresh:
+            self.cache.reset(fresh)  # forget the slot's previous tenant (its ring holds old positions)
+        view = row_view(self.cache, lo, hi, self._length(max(end for _, _, end in run)))
+        T = max(end - start for _, start, end in run)
+        tokens = torch.full((hi - lo, T), self.pad_id, dtype=torch.long)  # [b, T], built on the host
+        pos = torch.full((hi - lo, T), -1, dtype=torch.long)  # [b, T]; -1: padding, never written
+        at = torch.zeros(hi - lo, dtype=torch.long)  # [b], each row's last chunk position
+        for seq, start, end in run:
+            r = seq.slot - lo
+            tokens[r, :end - start] = torch.tensor(seq.row.prompt_ids[start:end], dtype=torch.long)
+            pos[r, :end - start] = torch.arange(start, end)
+            at[r] = end - start - 1
+        dev = self.device
+        logits = self.model(tokens.to(dev), pos.to(dev), view, logits_at=at.to(dev))[:, 0]  # [b, V]
+        self.prefill_forwards += 1
+        self.metrics.prefilled(sum(end - start for _, start, end in run))
+        ready = []
+        for seq, start, end in run:
+            seq.prefilled = end
+            if end == seq.prompt_tokens:
+                ready.append((seq, seq.slot - lo))
+        if ready:
+            self._emit(logits, ready, out)
+            self.metrics.first_tokens(len(ready))
 
     def _decode(self, out: list[tuple[Seq, Event]]) -> None:
-        live = [s for s in self._slots if s is not None and s.decoding]
-        if not live:
-            return
+        live = sorted((s for s in self._slots if s is not None and s.decoding), key=lambda s: s.order)
+        if live:
+            self._isolated(live, self._decode_forward, out)
+
+    def _decode_forward(self, live: list[Seq], out: list[tuple[Seq, Event]]) -> None:
+        """One decode step for ``live``; the other rows below the highest of their slots idle."""
         hi = max(s.slot for s in live) + 1
         tokens = torch.full((hi, 1), self.pad_id, dtype=torch.long)  # [hi, 1]
         pos = torch.full((hi, 1), -1, dtype=torch.long)  # [hi, 1]; idle and prefilling rows: -1
@@ -420,23 +481,36 @@ class Engine:
         return min(self.max_context, -(-need // CACHE_ROUND) * CACHE_ROUND)
 
     def _emit(self, logits: torch.Tensor, rows: list[tuple[Seq, int]], out: list[tuple[Seq, Event]]) -> None:
-        """Sample one token for each (sequence, row of ``logits`` [b, V]) and record the events."""
-        greedy = logits.argmax(dim=-1).tolist()  # [b]: the one host sync for greedy rows
+        """Sample one token for each (sequence, row of ``logits`` [b, V]) and record the events; a
+        row that fails (non-finite logits, sampling or detokenization raising) ends its sequence."""
+        # Any NaN or inf in a row makes its float32 sum non-finite: one pass, no [b, V] temporary.
+        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))  # [b]
+        greedy, finite = torch.stack((logits.argmax(dim=-1), finite.long())).tolist()  # [2, b]: one host sync
         now = time.monotonic()
         ttft, itl = [], []
         for seq, r in rows:
+            if not finite[r]:
+                log.error("sequence %d: the model produced non-finite logits", seq.id)
+                self._fail(seq, "the model produced non-finite logits", out)
+                continue
             p = seq.params
-            if p.temperature > 0:
-                token = int(sample_next_token(logits[r:r + 1], seq.generator, p.temperature, p.top_k, p.top_p)[0])
-            else:
-                token = greedy[r]
-            lp = None
-            if p.logprobs is not None and token not in seq.row.stop_ids:
-                lp = _logprob(logits[r], token, p.logprobs)
+            try:
+                if p.temperature > 0:
+                    token = int(sample_next_token(logits[r:r + 1], seq.generator, p.temperature, p.top_k,
+                                                  p.top_p)[0])
+                else:
+                    token = greedy[r]
+                lp = None
+                if p.logprobs is not None and token not in seq.row.stop_ids:
+                    lp = _logprob(logits[r], token, p.logprobs)
+                text = seq.row.push(token)
+            except Exception as e:  # this sequence's fault (e.g. its parameters): it ends alone
+                log.exception("sequence %d failed while sampling", seq.id)
+                self._fail(seq, f"internal error while sampling: {type(e).__name__}: {e}", out)
+                continue
             (ttft if seq.last_time is None else itl).append(now - (seq.last_time or seq.arrival))
             seq.last_time = now
             seq.last_token = token
-            text = seq.row.push(token)
             ev = Event(text=text, token=token, logprob=lp)
             if seq.row.finished:
                 ev.finish_reason = seq.row.finish_reason
