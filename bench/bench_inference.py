@@ -30,7 +30,7 @@ fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped whe
   ``--ppl-tokens`` (1024, BOS included) tokens of ``--ppl-text`` (default: the Gemma technical
   report in ``../shared/reference/``, a fixed text the model has not seen repeated; else the
   prompt's paragraphs, which repeat and so flatter every engine alike); exp of
-  the mean NLL of tokens 1..N-1 (``quant.perplexity``; one forward, log_softmax in fp32; a second
+  the mean NLL of tokens 1..N-1 (``logprobs.perplexity``; one forward, log_softmax in fp32; a second
   llama.cpp context with ``logits_all``, then its ``scores``).
 * **peak RSS** -- ``ru_maxrss`` of the engine's worker over load and the timed measurements (read
   before the perplexity and its [N, 262144] logits), and the RSS right after load.

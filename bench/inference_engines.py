@@ -97,7 +97,8 @@ def peak_rss_mib() -> float:
 
 
 def load_variant(engine: str, gguf: str):
-    """``opengemma.load`` with the options of one :data:`VARIANTS` entry (worker and cold start)."""
+    """A model loaded as the commands load it, with the options of one :data:`VARIANTS` entry
+    (worker and cold start)."""
     import opengemma
 
     opts = dict(VARIANTS[engine])
@@ -108,12 +109,16 @@ def load_variant(engine: str, gguf: str):
             raise Skipped("opengemma.load has no compile option")
     else:
         opts.pop("compile", None)  # keeps the other variants loadable by an opengemma without it
-    return opengemma.load(gguf, device="cpu", **opts)
+    try:  # as the commands load (their process settings included): what `opengemma generate` runs
+        from opengemma.process import load_for_command
+    except ImportError:  # an opengemma whose load() applied them itself
+        return opengemma.load(gguf, device="cpu", **opts)
+    return load_for_command(gguf, device="cpu", **opts)
 
 
 class _OpenGemma:
     """An opengemma variant: ``load_variant``, ``generate.prefill`` (logits_at),
-    ``generate.decode_step`` (through the compiled step for ``compile``), ``quant.perplexity``."""
+    ``generate.decode_step`` (through the compiled step for ``compile``), ``logprobs.perplexity``."""
 
     def __init__(self, s: dict, engine: str):
         import torch
@@ -184,11 +189,11 @@ class _OpenGemma:
         return {"compile_error": cd.error, "cpp_wrapper_error": getattr(cd, "cpp_error", None)}
 
     def ppl(self, ids: list[int]) -> float:
-        from opengemma import quant
+        from opengemma.logprobs import perplexity
 
         self.cache, self.cache_for = None, None
         with self.torch.inference_mode():
-            return quant.perplexity(self.g.model, ids)
+            return perplexity(self.g.model, ids)
 
 
 def hf_load(gguf: str):

@@ -87,14 +87,17 @@ class KVCache:
         return self.pos_global.device
 
     # -- rows --------------------------------------------------------------------------------------
-    def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
-        """Forget the cached tokens of every row, or of the given rows only."""
-        if rows is None:
-            self.pos_global.fill_(-1)
-            self.pos_local.fill_(-1)
-        else:
-            self.pos_global[rows] = -1
-            self.pos_local[rows] = -1
+    def reset(self, rows: torch.Tensor | Sequence[int] | None = None, *, zero: bool = False) -> None:
+        """Forget the cached tokens of every row, or of the given rows only. Forgetting is enough
+        for correctness (nothing at position -1 is ever attended); ``zero`` also clears the keys
+        and values, e.g. after a fault: attention gives forgotten slots weight 0, but 0 * NaN is
+        NaN."""
+        sel = slice(None) if rows is None else rows
+        self.pos_global[sel] = -1
+        self.pos_local[sel] = -1
+        if zero:
+            for t in self.k + self.v:
+                t[sel] = 0
 
     def take(self, index: torch.Tensor | Sequence[int]) -> KVCache:
         """A new cache whose row i is a copy of this cache's row ``index[i]`` (rows may repeat)."""

@@ -6,7 +6,7 @@
   convert   GGUF / Hugging Face / opengemma checkpoints into opengemma or Hugging Face layout
   serve     an OpenAI-compatible HTTP server with continuous batching (opengemma.serve)
   eval      the report's benchmarks, memorization and side-by-side evaluation (opengemma.eval)
-  cache     list or clear the converted-weight cache (opengemma.weight_cache)
+  cache     list or clear the converted-weight cache (opengemma.checkpoints.cache)
 
 Every problem with the user's input ends as one line on stderr and exit status 1 (2 for
 argument errors, from argparse); interrupts exit with 130. Flag values are checked by the
@@ -224,9 +224,9 @@ def _sampling(args, g) -> dict:
 
 
 def _load(args):
-    from .api import load
+    from .process import load_for_command
 
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
+    return load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
 
 
 def cmd_generate(args) -> int:
@@ -248,7 +248,7 @@ def _chat_history_file() -> Path | None:
     chat_history in opengemma's cache directory."""
     if "OPENGEMMA_CHAT_HISTORY" in os.environ:
         return Path(os.environ["OPENGEMMA_CHAT_HISTORY"]) if os.environ["OPENGEMMA_CHAT_HISTORY"] else None
-    from .weight_cache import base_dir
+    from .checkpoints.cache import base_dir
 
     return base_dir() / "chat_history"
 
@@ -411,9 +411,9 @@ def cmd_convert(args) -> int:
     import torch
 
     from .api import load_tokenizer, parse_dtype, resolve
-    from .checkpoints import gguf as gguf_ckpt
     from .checkpoints import hf as hf_ckpt
     from .checkpoints import native as native_ckpt
+    from .checkpoints import reader
 
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir() if dst.is_dir() else [True]) and not args.force:
@@ -426,8 +426,7 @@ def cmd_convert(args) -> int:
         g = load(src.name, dtype=dtype, device="cpu")
         config, state_dict, tok = g.config, g.model.state_dict(), g.tokenizer
     else:
-        module = {"gguf": gguf_ckpt, "hf": hf_ckpt, "native": native_ckpt}[src.kind]
-        config, state_dict = module.load(src.path, dtype=dtype)
+        config, state_dict = reader(src.kind).load(src.path, dtype=dtype)
         tok = load_tokenizer(src, config)
     saver = native_ckpt.save if args.to == "opengemma" else hf_ckpt.save
     saver(dst, config, state_dict, tokenizer_model_bytes=tok.model_bytes())
@@ -438,7 +437,7 @@ def cmd_convert(args) -> int:
 def cmd_cache(args) -> int:
     import time
 
-    from . import weight_cache
+    from .checkpoints import cache as weight_cache
 
     root = weight_cache.cache_root()
     if args.action == "list":

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .errors import OpenGemmaError
-from .model import KVCache
+from .cache import KVCache
 from .sampling import sample_next_token
 
 CACHE_ROUND = 64  # cache lengths are rounded up to this, so nearby requests share shapes
@@ -49,9 +49,15 @@ class GenerationConfig:
     """How to generate. The library default is greedy (temperature 0): deterministic and what the
     report evaluates with; front ends (CLI, server) may choose a sampling default of their own.
 
+    The one sampling-parameter type: the Python API, the command line, the server (one per
+    choice of a request) and evaluation all describe a generation with it.
+
     ``max_new_tokens`` counts every sampled token, a final stop token included. ``top_k`` 0/None
     and ``top_p`` None/1.0 disable those filters. ``seed`` None draws a seed from ``os.urandom``.
     ``stop``: strings that end generation; the text is cut just before the first one.
+    ``logprobs`` (serving): None reports none; k >= 0 the sampled token's log-probability plus the
+    k most likely. ``ignore_eos``: keep going past end-of-sequence tokens (load tests; stop strings
+    still apply).
     """
 
     max_new_tokens: int = 256
@@ -60,6 +66,8 @@ class GenerationConfig:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # a lone string would otherwise become one stop per char
@@ -86,6 +94,9 @@ class GenerationConfig:
             raise OpenGemmaError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise OpenGemmaError("stop strings must be non-empty strings")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            raise OpenGemmaError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
 
 
 @dataclass
@@ -145,37 +156,42 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) 
     return model(tokens, pos, cache)[:, 0]  # [B, V]
 
 
-def prefill(model, cache: KVCache, prompts: Sequence[Sequence[int] | None], *, pad_id: int = 0,
-            chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Write ``prompts`` into their rows of ``cache`` at positions 0.. and return logits [B, V].
+def prefill(model, cache: KVCache, prompts: Sequence[Sequence[int] | None], *, start: int | Sequence[int] = 0,
+            pad_id: int = 0, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Write token runs into rows of ``cache`` and return each row's logits at its last one [B, V]:
+    the one prefill routine of generation, serving (prompt chunks) and evaluation (contexts
+    after a shared prefix).
 
     ``prompts`` has one entry per cache row; None leaves that row untouched (position -1), so a
-    server can admit new sequences into a cache whose other rows are mid-decode. Prefilled rows
-    are reset first. All rows go in one right-padded forward per chunk of ``chunk_size``
-    positions; each row's logits are taken at its last prompt token (rows not prefilled get
-    meaningless logits).
+    server can admit new sequences into a cache whose other rows are mid-decode. Row i's tokens go
+    to positions ``start[i]..`` (``start``: one int for every row, or one per row); a row starting
+    at 0 is a new sequence and is reset first, a row starting later continues what its row holds.
+    All rows go in one right-padded forward per chunk of ``chunk_size`` positions (rows not
+    written get meaningless logits).
     """
     B = cache.batch_size
     if len(prompts) != B:
         raise ValueError(f"prefill got {len(prompts)} prompts for a cache of {B} rows")
-    device = cache.pos_global.device
+    starts = [start] * B if isinstance(start, int) else list(start)
     rows = [i for i, p in enumerate(prompts) if p is not None]
     if not rows:
         raise ValueError("prefill needs at least one prompt")
     lens = [len(p) if p is not None else 0 for p in prompts]
     if any(lens[i] == 0 for i in rows):
         raise OpenGemmaError("a prompt is empty: it needs at least one token (e.g. <bos>)")
-    if max(lens) > cache.max_len:
-        raise OpenGemmaError(f"prompt has {max(lens)} tokens, the cache holds {cache.max_len}")
-    cache.reset(rows)
+    if (end := max(starts[i] + lens[i] for i in rows)) > cache.max_len:
+        raise OpenGemmaError(f"prompt has {end} tokens, the cache holds {cache.max_len}")
+    if fresh := [i for i in rows if starts[i] == 0]:
+        cache.reset(fresh)  # forget the row's previous tenant (its ring holds old positions)
     T = max(lens)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T], built on the host, moved once
     pos = torch.full((B, T), -1, dtype=torch.long)  # [B, T]; -1: padding, neither attended nor written
     for i in rows:
         tokens[i, :lens[i]] = torch.tensor(list(prompts[i]), dtype=torch.long)
-        pos[i, :lens[i]] = torch.arange(lens[i])
+        pos[i, :lens[i]] = torch.arange(starts[i], starts[i] + lens[i])
+    device = cache.device
     tokens, pos = tokens.to(device), pos.to(device)
-    last = torch.tensor(lens, device=device) - 1  # [B], index of each row's last prompt token
+    last = torch.tensor(lens, device=device) - 1  # [B], index of each row's last token
     logits = None
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)

@@ -51,7 +51,7 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, greedy
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     t = targets.reshape(-1).to(h.device)  # [N]
     V = model.config.vocab_size
-    weight = getattr(model.embed, "weight", None)
+    weight = getattr(getattr(model, "embed", None), "weight", None)
     train = torch.is_grad_enabled() and (h.requires_grad or (weight is not None and weight.requires_grad))
     if train:
         if weight is None or not weight.is_floating_point():
@@ -123,3 +123,24 @@ class _ChunkedLogprob(torch.autograd.Function):
             if need_w:
                 dw[c0:c0 + c] = dz.t() @ h  # [c, D]: this chunk's rows of the head's gradient
         return (dh.to(h.dtype) if need_h else None), dw, None, None, None
+
+
+@torch.no_grad()
+def perplexity(model, ids, *, chunk: int = 512) -> float:
+    """Perplexity of ``model`` on one token sequence (list or 1-D tensor; the first token is context
+    only), run through a KV cache in chunks of ``chunk`` positions (the quantization budgets and
+    ``bench/bench_inference.py`` use it)."""
+    import math
+
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    dev = model.final_norm.weight.device
+    ids = ids.to(dev)
+    T = ids.shape[1]
+    cache = model.make_cache(1, T)
+    nll, n = 0.0, 0
+    for i in range(0, T - 1, chunk):
+        j = min(i + chunk, T - 1)
+        hidden = model.trunk(ids[:, i:j], torch.arange(i, j, device=dev), cache)  # [1, t, D]
+        nll -= float(token_logprobs(model, hidden, ids[:, i + 1:j + 1]).sum())
+        n += j - i
+    return math.exp(nll / n)

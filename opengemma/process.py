@@ -1,6 +1,10 @@
-"""Process-wide settings for inference, applied once by the first ``opengemma.load()`` (fast-inference
-issue: cold start and prefill). Importing this module changes nothing; :func:`tune` does, and says
-what it did (:data:`APPLIED`). ``OPENGEMMA_NO_PROCESS_TUNING=1`` turns both settings off.
+"""Process-wide settings for inference, applied once by the command line (``opengemma generate``,
+``chat``, ``serve``, ``eval``) before it loads a model: cold start and prefill speed. Importing this
+module changes nothing; :func:`tune` does, and says what it did (:data:`APPLIED`).
+``OPENGEMMA_NO_PROCESS_TUNING=1`` turns both settings off. The library never calls it
+(``opengemma.load()`` leaves the interpreter as it found it: a trainer's data-loader workers, say,
+must not inherit a frozen collector or malloc settings they did not ask for); the commands use
+:func:`load_for_command`.
 
 * **Garbage collector** (``gc.freeze()``): importing torch leaves a few hundred thousand GC-tracked
   objects (modules, functions, classes) that live until exit. Python's final collection walks them
@@ -26,7 +30,7 @@ import gc
 import os
 import sys
 
-__all__ = ["APPLIED", "tune"]
+__all__ = ["APPLIED", "load_for_command", "tune"]
 
 MMAP_THRESHOLD = 32 << 20  # glibc's largest accepted value (HEAP_MAX / 2 on 64-bit)
 TRIM_THRESHOLD = 256 << 20
@@ -57,3 +61,15 @@ def _set_malloc_thresholds() -> bool:
             libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (OSError, AttributeError):
         return False
+
+
+def load_for_command(model, **kwargs):
+    """:func:`tune`, then ``opengemma.load(model, **kwargs)``: how the commands load a model.
+    (Freezing after ``import torch`` and before the model exists is what keeps the model's own
+    reference cycles collectable.)"""
+    import torch  # noqa: F401  -- imported first, so that its objects are the ones frozen
+
+    from .api import load
+
+    tune()
+    return load(model, **kwargs)

@@ -18,7 +18,8 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 import torch
 
-from opengemma import cli, weight_cache
+from opengemma import cli
+from opengemma.checkpoints import cache as weight_cache
 from opengemma.config import PRESETS
 
 

@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from opengemma import compiled
-from opengemma.config import PRESETS
 from opengemma.generate import GenerationConfig, RowState, cache_length, decode_step, generate_tokens, prefill
 from opengemma.model import GemmaModel
+from opengemma.testing import tiny_model
 
 
 def _tiny(seed: int = 3) -> GemmaModel:
-    torch.manual_seed(seed)
-    model = GemmaModel(PRESETS["tiny-gemma3"]).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    return tiny_model("tiny-gemma3", seed=seed)
 
 
 def _teacher_forced(model, prompt, cont):

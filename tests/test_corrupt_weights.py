@@ -22,7 +22,8 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 
 import opengemma
-from opengemma import cli, weight_cache
+from opengemma import cli
+from opengemma.checkpoints import cache as weight_cache
 from opengemma.checkpoints import MATRIX_LIMIT, check_finite, expected_shapes, weight_limit
 from opengemma.checkpoints import gguf as ckpt_gguf
 from opengemma.checkpoints import hf as ckpt_hf
@@ -33,7 +34,7 @@ from opengemma.eval.engine import LoglikRequest, Scorer
 from opengemma.eval.memorization import greedy_continuations
 from opengemma.generate import NonFiniteLogitsError
 from opengemma.quant import Int4Linear
-from opengemma.quant_gguf import _group_extent
+from opengemma.quant.gguf import _group_extent
 
 FLIPS, TAIL = 2_000, 50_000_000
 # Any warning (numpy's "invalid value encountered" from a NaN scale) would be a second line on stderr.

@@ -11,8 +11,6 @@ end_of_turn_id, pad_id, stop_ids, a stream decoder with push/flush).
 
 from __future__ import annotations
 
-import codecs
-
 import pytest
 import torch
 from torch import nn
@@ -21,47 +19,18 @@ from opengemma.config import PRESETS
 from opengemma.errors import OpenGemmaError
 from opengemma.generate import (CACHE_ROUND, GenerationConfig, NonFiniteLogitsError, RowState, cache_length,
                                 decode_step, generate, generate_tokens, prefill, stream, stream_text)
-from opengemma.model import GemmaModel, KVCache
+from opengemma.cache import KVCache
+from opengemma.model import GemmaModel
+from opengemma.testing import BOS, EOS, EOT, PAD, ByteTokenizer, tiny_model
 
 # -- fakes ------------------------------------------------------------------------------------
 
-PAD, EOS, BOS, EOT = 0, 1, 2, 259  # bytes are ids 3..258
 EXTRA = {300: b"ST", 301: b"OP", 302: b"Hel", 303: b"lo ", 304: "é".encode()}
 
 
-class FakeStreamDecoder:
-    def __init__(self, tok: "FakeTokenizer"):
-        self.tok = tok
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, i: int) -> str:
-        return self.utf8.decode(self.tok.id_bytes(i))
-
-    def flush(self) -> str:
-        return self.utf8.decode(b"", final=True)
-
-
-class FakeTokenizer:
-    """Byte-level: id = byte + 3, plus specials and a few multi-byte pieces (EXTRA)."""
-
-    eos_id, end_of_turn_id, pad_id, bos_id = EOS, EOT, PAD, BOS
-    stop_ids = (EOS, EOT)
-
-    def id_bytes(self, i: int) -> bytes:
-        if i in EXTRA:
-            return EXTRA[i]
-        if i in (PAD, EOS, BOS, EOT):
-            return b""
-        return bytes([(i - 3) % 256])
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        return ([BOS] if bos else []) + [b + 3 for b in text.encode()]
-
-    def decode(self, ids) -> str:
-        return b"".join(self.id_bytes(i) for i in ids).decode("utf-8", errors="replace")
-
-    def stream_decoder(self) -> FakeStreamDecoder:
-        return FakeStreamDecoder(self)
+def FakeTokenizer() -> ByteTokenizer:
+    """Byte-level (id = byte + 3), plus a few multi-byte pieces (EXTRA)."""
+    return ByteTokenizer(extra=EXTRA)
 
 
 def ids_of(text: str) -> list[int]:
@@ -94,17 +63,6 @@ class ScriptedModel(nn.Module):
                 script = self.scripts[b]
                 out[b, t, script[k] if 0 <= k < len(script) else EOS] = 10.0
         return out
-
-
-def tiny_model(name: str, dtype=torch.float32, seed: int = 1, std: float = 0.2) -> GemmaModel:
-    """A tiny preset with seeded N(0, std) weights (norm scales too), without touching the
-    global RNG. std 0.2 spreads the logits (std ~ 8 * 0.2) so argmax margins dwarf float noise."""
-    model = GemmaModel(PRESETS[name])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.to(dtype).eval()
 
 
 def naive_greedy(model: GemmaModel, prompt: list[int], n: int, margins: list[float] | None = None) -> list[int]:
@@ -151,52 +109,6 @@ def test_greedy_equals_naive_full_forward_past_the_window(name):
     assert min(margins) > MIN_MARGIN
 
 
-@pytest.mark.parametrize("block", [4, 256])  # CPU causal attention in query blocks: several, one
-@pytest.mark.parametrize("T", [6, 8, 13])  # tiny-gemma3's window is 8: below, at and past it
-@pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma3"])
-def test_causal_fast_path_equals_masked_attention(name, T, block, monkeypatch):
-    # Positions 0..T-1 (a prompt's first chunk; a forward with default positions) take causal
-    # attention without an explicit mask (on the CPU: blocked matmuls; with autograd: SDPA's
-    # is_causal): the same logits as the masked path, for every layer kind.
-    import opengemma.model as M
-
-    monkeypatch.setattr(M, "CAUSAL_BLOCK", block)
-    model, toks = tiny_model(name), torch.tensor([prompt(6, T)])
-    flags: list[bool] = []
-    sdpa, causal = M.F.scaled_dot_product_attention, M.Attention._causal_attention
-
-    def spy(*a, **kw):
-        flags.append(kw.get("is_causal", False))
-        return sdpa(*a, **kw)
-
-    def spy_causal(*a):
-        flags.append(True)
-        return causal(*a)
-
-    monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(M.Attention, "_causal_attention", spy_causal)
-    with torch.no_grad():
-        fast_cached = model(toks, torch.arange(T), model.make_cache(1, 32))
-        fast_plain = model(toks)
-        n_fast = sum(flags)
-        monkeypatch.setattr(M._Step, "starts_at_zero", staticmethod(lambda cfg, pos: False))
-        masked_cached = model(toks, torch.arange(T), model.make_cache(1, 32))
-        masked_plain = model(toks, torch.arange(T)[None])  # explicit positions: the masked path
-    n_local = sum(model.config.is_local(i) for i in range(model.config.n_layers))
-    n_layers = model.config.n_layers
-    # every layer of both fast forwards, except local layers once T exceeds the window
-    assert n_fast == 2 * (n_layers - (n_local if n_local and T > model.config.sliding_window else 0))
-    assert not any(flags[2 * n_layers:])
-    torch.testing.assert_close(fast_cached, masked_cached, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast_plain, masked_plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast_cached, fast_plain, rtol=1e-5, atol=1e-5)
-    # with autograd (training) the same forward takes SDPA's fused is_causal kernel instead
-    flags.clear()
-    grad_plain = model(toks)
-    assert sum(flags) == n_layers - (n_local if n_local and T > model.config.sliding_window else 0)
-    torch.testing.assert_close(grad_plain.detach(), fast_plain, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma2", "tiny-gemma3"])
 def test_batched_equals_one_by_one(name):
     # Ragged prompts (shorter and longer than the window) in one batch must give each row the
@@ -230,37 +142,6 @@ def test_batched_logits_match_single_logits():
                 single.append(decode_step(model, cont[i:i + 1, t:t + 1], torch.tensor([[len(p) + t]]), cs))
             for b, s in zip(batched, single):
                 torch.testing.assert_close(b[i], s[0], atol=1e-4, rtol=1e-4)
-
-
-def test_attending_only_visible_slots_is_exact(monkeypatch):
-    # On the CPU a step reads only the cache slots that can hold a visible key (rounded up to 64).
-    # Teacher-force two ragged rows through a long cache (300 slots, a 100-slot ring) far enough to
-    # cross 128/192/256 and wrap the ring, and compare every step with a cache read in full.
-    from opengemma import model as model_mod
-
-    cfg = PRESETS["tiny-gemma3"].replace(sliding_window=100, context_length=512)
-    torch.manual_seed(0)
-    model = GemmaModel(cfg).double().eval()
-    prompts = [prompt(21, 5), prompt(22, 70)]
-    cont = torch.randint(3, 512, (2, 140), generator=torch.Generator().manual_seed(23))  # [2, 140]
-
-    def run():
-        with torch.no_grad():
-            c = model.make_cache(2, 300)
-            out = [prefill(model, c, prompts)]
-            for t in range(140):
-                pos = torch.tensor([[len(p) + t] for p in prompts])  # [2, 1]
-                out.append(decode_step(model, cont[:, t:t + 1], pos, c))
-        return torch.stack(out)  # [141, 2, V]
-
-    seen = []
-    real = model_mod._Step.visible_slots
-    monkeypatch.setattr(model_mod._Step, "visible_slots",
-                        staticmethod(lambda c, p, n: seen.append(real(c, p, n)) or seen[-1]))
-    sliced = run()
-    assert {128, 192, 256} <= set(seen) and 101 in seen  # partial reads happened, and full ring reads
-    monkeypatch.setattr(model_mod._Step, "visible_slots", staticmethod(lambda c, p, n: n + 1))
-    torch.testing.assert_close(sliced, run(), atol=1e-10, rtol=1e-10)
 
 
 def test_batched_equals_one_by_one_float32_with_stop_ids():

@@ -1,5 +1,6 @@
-"""opengemma.process: the process-wide settings the first load() applies, in fresh interpreters
-(they change process state, so never in the test process itself)."""
+"""opengemma.process: the process-wide settings the command line applies before loading a model,
+and that the library's load() does not; in fresh interpreters (they change process state, so never
+in the test process itself)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,25 @@ def test_tune_can_be_turned_off():
     assert out["applied"] == [] and out["frozen"] == 0
 
 
-def test_load_applies_it():
-    pytest.importorskip("torch")
-    code = ("import json, opengemma, opengemma.process as p; opengemma.load('tiny-gemma3'); "
-            "print(json.dumps(p.APPLIED))")
+def _run(code: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OPENGEMMA_NO_PROCESS_TUNING": ""})
     assert proc.returncode == 0, proc.stderr
-    assert "gc.freeze" in json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_load_leaves_the_process_as_it_was():
+    # A library call must not freeze the collector or change malloc (a trainer's workers would inherit it).
+    pytest.importorskip("torch")
+    out = _run("import gc, json, opengemma, opengemma.process as p; opengemma.load('tiny-gemma3'); "
+               "print(json.dumps({'applied': p.APPLIED, 'frozen': gc.get_freeze_count()}))")
+    assert out == {"applied": [], "frozen": 0}
+
+
+def test_the_command_line_applies_it():
+    pytest.importorskip("torch")
+    out = _run("import contextlib, gc, io, json, opengemma.cli, opengemma.process as p\n"
+               "with contextlib.redirect_stdout(io.StringIO()):\n"
+               "    rc = opengemma.cli.main(['generate', 'Hi', '-m', 'tiny-gemma3', '-n', '2'])\n"
+               "print(json.dumps({'rc': rc, 'applied': p.APPLIED, 'frozen': gc.get_freeze_count() > 0}))")
+    assert out["rc"] == 0 and "gc.freeze" in out["applied"] and out["frozen"]

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from opengemma import quant, quant_gguf
+from opengemma.quant import linear as quant
+from opengemma.logprobs import perplexity
+from opengemma.quant import gguf as quant_gguf
 from opengemma.quant import Int4Linear, Int8Linear, QuantizedEmbedding
 
 
@@ -181,12 +183,10 @@ def test_fused_projections_equal_separate(mode):
     from opengemma.config import PRESETS
     from opengemma.generate import decode_step, prefill
     from opengemma.model import GemmaModel
+    from opengemma.testing import tiny_model
 
-    torch.manual_seed(0)
     cfg = PRESETS["tiny-gemma3"].replace(d_model=64, ffn_dim=128, head_dim=64)  # int4 needs 64-row blocks
-    base = GemmaModel(cfg).eval()
-    for p in base.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    base = tiny_model(cfg, seed=0)
     models = {}
     for fuse in (False, True):
         m = GemmaModel(cfg).eval()
@@ -276,10 +276,10 @@ def test_embedded_model_int8_greedy_follows_fp32(quantized, fp32_greedy):
 
 def test_embedded_model_quantized_perplexity(real_gemma, quantized, tokenizer, fp32_greedy):
     ids = tokenizer.encode(TEXT, bos=True)
-    ppl = {"fp32": quant.perplexity(real_gemma.model, ids)}
+    ppl = {"fp32": perplexity(real_gemma.model, ids)}
     agree = {}
     for mode, model in quantized.items():
-        ppl[mode] = quant.perplexity(model, ids)
+        ppl[mode] = perplexity(model, ids)
         steps = [(a == b, gap) for pids, ref, gaps in fp32_greedy
                  for a, b, gap in zip(_stepwise(model, pids, forced=ref)[1].argmax(-1).tolist(), ref, gaps)]
         agree[mode] = sum(ok for ok, _ in steps) / len(steps)

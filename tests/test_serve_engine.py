@@ -19,13 +19,7 @@ import pytest
 import torch
 
 from opengemma.generate import GenerationConfig, generate_tokens
-from opengemma.serve.engine import (
-    Engine,
-    QueueFull,
-    SamplingParams,
-    ShuttingDown,
-    row_view,
-)
+from opengemma.serve.engine import Engine, QueueFull, ShuttingDown
 from opengemma.serve.metrics import Metrics
 
 
@@ -56,7 +50,8 @@ class Collector:
 
 def submit(engine, prompt_ids, **params) -> Collector:
     c = Collector()
-    engine.submit([engine.new_seq(prompt_ids, SamplingParams(**{"temperature": 0.0, **params}), c)])
+    params = {"max_new_tokens": params.pop("max_tokens"), **params} if "max_tokens" in params else params
+    engine.submit([engine.new_seq(prompt_ids, GenerationConfig(**{"temperature": 0.0, **params}), c)])
     return c
 
 
@@ -118,9 +113,9 @@ def test_slot_reuse_forgets_the_previous_tenant(tiny, engine_factory):
     assert b.tokens == alone
 
 
-def test_row_view_writes_into_the_shared_cache(tiny):
+def test_cache_row_views_write_into_the_shared_cache(tiny):
     cache = tiny.model.make_cache(4, 32)
-    view = row_view(cache, 1, 3)
+    view = cache.rows(1, 3)
     assert view.batch_size == 2 and view.k[0].shape[0] == 2
     tokens = torch.tensor([[5, 6], [7, 8]])  # [2, 2]
     pos = torch.tensor([[0, 1], [0, -1]])  # [2, 2]
@@ -129,8 +124,8 @@ def test_row_view_writes_into_the_shared_cache(tiny):
     assert cache.pos_global[1, :2].tolist() == [0, 1] and cache.pos_global[2, :2].tolist() == [0, -1]
     assert (cache.pos_global[0] == -1).all() and (cache.pos_global[3] == -1).all()
     assert cache.k[0][1].abs().sum() > 0 and cache.k[0][0].abs().sum() == 0
-    assert row_view(cache, 0, 4) is cache
-    short = row_view(cache, 0, 4, length=8)  # global layers: 8 positions + the trash slot
+    assert cache.rows(0, 4) is cache
+    short = cache.rows(0, 4, length=8)  # global layers: 8 positions + the trash slot
     assert short.max_len == 8 and short.pos_global.shape == (4, 9)
     glob = next(i for i in range(len(cache.k)) if not tiny.config.is_local(i))
     assert short.k[glob].shape[2] == 9 and short.k[glob].data_ptr() == cache.k[glob].data_ptr()
@@ -225,7 +220,7 @@ def test_a_prefill_failure_is_pinned_on_its_sequence(tiny, engine_factory):
     collectors = [Collector() for _ in range(4)]
     prompts = [VICTIMS[0], [2, 40, poison, 41], *VICTIMS[1:]]
     with failing_layer(tiny, lambda tokens, pos, failures: bool(((tokens == poison) & (pos >= 0)).any())):
-        eng.submit([eng.new_seq(p, SamplingParams(max_tokens=8, temperature=0.0), c)
+        eng.submit([eng.new_seq(p, GenerationConfig(max_new_tokens=8, temperature=0.0), c)
                     for p, c in zip(prompts, collectors)])  # one admission: one prefill run of 4 rows
         wait_all(collectors)
     bad = collectors[1]
@@ -251,7 +246,7 @@ def test_a_sampling_failure_ends_only_its_sequence(tiny, engine_factory, monkeyp
     monkeypatch.setattr(engine_module, "sample_next_token", overflowing)
     eng = engine_factory(tiny, max_batch=4, max_context=64)
     got = [submit(eng, p, max_tokens=15) for p in VICTIMS[:2]]
-    bad = submit(eng, [2, 9], max_tokens=15, temperature=1.0, top_k=2**63, seed=1)
+    bad = submit(eng, [2, 9], max_tokens=15, temperature=1.0, top_k=2**31 - 1, seed=1)  # the largest valid k
     got.append(submit(eng, VICTIMS[2], max_tokens=15))
     wait_all([bad, *got])
     assert bad.finish == "error" and "overflow" in bad.events[-1].error
@@ -272,13 +267,13 @@ def test_non_finite_logits_end_only_their_sequence(tiny, engine_factory):
     class Bad(Collector):
         def __call__(self, event):  # called on the engine thread, while `a` still holds slot 0
             if event.finish_reason is not None:
-                eng.submit([eng.new_seq(VICTIMS[0], SamplingParams(max_tokens=20, temperature=0.0), reuse)])
+                eng.submit([eng.new_seq(VICTIMS[0], GenerationConfig(max_new_tokens=20, temperature=0.0), reuse)])
             super().__call__(event)
 
     a, bad = Collector(), Bad()
     try:
-        eng.submit([eng.new_seq(VICTIMS[1], SamplingParams(max_tokens=50, temperature=0.0), a),
-                    eng.new_seq([2, poison] + list(range(100, 130)), SamplingParams(max_tokens=20, temperature=0.0),
+        eng.submit([eng.new_seq(VICTIMS[1], GenerationConfig(max_new_tokens=50, temperature=0.0), a),
+                    eng.new_seq([2, poison] + list(range(100, 130)), GenerationConfig(max_new_tokens=20, temperature=0.0),
                                 bad)])  # NaN keys and values at positions 1..31 of slot 1
         wait_all([a, bad, reuse])
     finally:

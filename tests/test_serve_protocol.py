@@ -26,7 +26,7 @@ def test_completion_defaults_follow_openai(info, tokenizer):
     req = parse_completion({"prompt": "Hello there"}, info)
     (p,) = req.params
     assert req.prompts == [tokenizer.encode("Hello there", bos=True)]
-    assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, p.stop, p.logprobs) == (16, 1.0, None, None,
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed, p.stop, p.logprobs) == (16, 1.0, None, None,
                                                                                             None, (), None)
     assert not req.stream and req.model == "gemma3-270m"
 
@@ -38,7 +38,7 @@ def test_completion_options(info):
     assert req.prompts == [[2, 5, 6], [2, 7]] and req.model == "gemma3-270m"
     assert [p.seed for p in req.params] == [2**64 - 1, 0, 1]  # distinct per choice, wrapped like torch
     p = req.params[0]
-    assert (p.max_tokens, p.top_k, p.top_p, p.temperature, p.stop, p.logprobs) == (8, None, 0.5, 0.0, ("\n",), 2)
+    assert (p.max_new_tokens, p.top_k, p.top_p, p.temperature, p.stop, p.logprobs) == (8, None, 0.5, 0.0, ("\n",), 2)
     assert req.stream and req.include_usage and req.logprobs
     assert not p.ignore_eos and parse_completion({"prompt": "x", "ignore_eos": True}, info).params[0].ignore_eos
 
@@ -50,8 +50,8 @@ def test_chat_uses_the_formatter_and_fills_the_context(info, tokenizer):
     want = format_chat(tokenizer, [{"role": "system", "content": "Be brief."},
                                    {"role": "user", "content": "Hi there"}]).ids
     assert req.prompts == [want]
-    assert req.params[0].max_tokens == 256 - len(want)  # chat default: the rest of the context
-    assert parse_chat({"messages": messages, "max_completion_tokens": 7}, info).params[0].max_tokens == 7
+    assert req.params[0].max_new_tokens == 256 - len(want)  # chat default: the rest of the context
+    assert parse_chat({"messages": messages, "max_completion_tokens": 7}, info).params[0].max_new_tokens == 7
 
 
 @pytest.mark.parametrize("body,param,code", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import opengemma
-from opengemma import weight_cache
+from opengemma.checkpoints import cache as weight_cache
 
 
 @pytest.fixture

@@ -149,9 +149,9 @@ def run_eval(args) -> int:
         source = DataSource(default_data_dir(args))
     g = None
     if args.tasks or args.memorization or args.sxs:
-        from ..api import load
+        from ..process import load_for_command
 
-        g = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        g = load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
         out.update(model=g.name, config=g.config.name, dtype=str(g.dtype), device=str(g.device),
                    quantize=args.quantize)
     if args.tasks:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import OpenGemmaError
 from ..generate import GenerationConfig, generate_tokens
+from ..logprobs import from_logits, token_logprobs
 from . import metrics, pii
 
 
@@ -113,26 +114,24 @@ def evaluate_corpus(model, tokenizer, docs: Sequence[str | Sequence[int]], *, n:
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy: logits [B, T, V] predict tokens[:, 1:]; ``mask`` [B, T] marks
     real tokens (1) vs padding (0)."""
-    pred, tgt = logits[:, :-1], tokens[:, 1:]
-    loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), tgt.reshape(-1), reduction="none")
+    logp, _, _ = from_logits(logits[:, :-1], tokens[:, 1:])  # [B, T-1]
     if mask is None:
-        return loss.mean()
-    m = mask[:, 1:].reshape(-1).to(loss.dtype)
-    return (loss * m).sum() / m.sum().clamp(min=1)
+        return -logp.mean()
+    m = mask[:, 1:].to(logp.dtype)
+    return -(logp * m).sum() / m.sum().clamp(min=1)
 
 
-def overtrain(model, sequences: Sequence[Sequence[int]], *, steps: int = 200, lr: float = 3e-3,
-              seed: int = 0) -> list[float]:
+def overtrain(model, sequences: Sequence[Sequence[int]], *, steps: int = 200, lr: float = 3e-3) -> list[float]:
     """Full-batch AdamW on equal-length ``sequences`` until the model has memorized them; returns
-    the loss curve. A test helper: small models, a few hundred steps."""
-    torch.manual_seed(seed)
+    the loss curve. A test helper (small models, a few hundred steps; deterministic, no RNG):
+    it is not the training loop, only enough of one to plant memorized text."""
     batch = torch.tensor([list(s) for s in sequences], dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = next_token_loss(model(batch), batch)
+        loss = -token_logprobs(model, model.trunk(batch[:, :-1]), batch[:, 1:]).mean()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import ipaddress
 import json
 import logging
@@ -121,14 +120,9 @@ def model_id(name: str) -> str:
 
 
 def _load(args):
-    from ..api import load
+    from ..process import load_for_command
 
-    kwargs = {}
-    if args.quantize != "none":
-        if "quantize" not in inspect.signature(load).parameters:
-            raise OpenGemmaError("quantization not available: this opengemma's load() has no quantize option")
-        kwargs["quantize"] = args.quantize
-    return load(args.model, dtype=args.dtype, device=args.device, **kwargs)
+    return load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _available_bytes(device) -> int | None:
@@ -247,6 +241,7 @@ def run_serve(args) -> int:
     """Run the server until a signal; returns the exit status (0 after a graceful shutdown)."""
     _check_api_key(args.api_key)
     try:
+        import prometheus_client  # noqa: F401
         import pydantic
         import uvicorn
     except ImportError as e:

@@ -40,7 +40,6 @@ HTTP side stays responsive while the model runs.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import threading
@@ -51,7 +50,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import CACHE_ROUND, RowState, decode_step, make_generator
+from ..generate import CACHE_ROUND, GenerationConfig, RowState, decode_step, finite_rows, make_generator, prefill
+from ..logprobs import from_logits
 from ..sampling import sample_next_token
 from .metrics import Metrics
 
@@ -64,21 +64,6 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The engine no longer admits requests (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence is generated. ``temperature`` 0 is greedy; ``top_k`` None/0 and ``top_p``
-    None/1 are off; ``logprobs`` None reports none, k >= 0 the chosen token's plus the top k."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    ignore_eos: bool = False  # keep going past end-of-sequence tokens (load tests); stop strings still apply
 
 
 @dataclass
@@ -113,12 +98,12 @@ class Seq:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None], *,
+    def __init__(self, prompt_ids: Sequence[int], params: GenerationConfig, sink: Callable[[Event], None], *,
                  tokenizer, stop_ids: frozenset[int], device: torch.device | str = "cpu"):
         self.id = next(self._ids)
         self.params = params
         self.sink = sink
-        self.row = RowState(prompt_ids, params.max_tokens, frozenset() if params.ignore_eos else stop_ids,
+        self.row = RowState(prompt_ids, params.max_new_tokens, frozenset() if params.ignore_eos else stop_ids,
                             tokenizer, params.stop)
         # A generator per sequence: its draws are its own whatever the batch around it.
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
@@ -137,40 +122,6 @@ class Seq:
     @property
     def decoding(self) -> bool:
         return self.prefilled == self.row.prompt_tokens and not self.row.finished
-
-
-def row_view(cache, lo: int, hi: int, length: int | None = None):
-    """Rows ``lo..hi-1`` of a :class:`opengemma.model.KVCache`, and only the first ``length``
-    positions of its global layers, as a KVCache of their own.
-
-    Every tensor is a view, so the model's in-place writes land in the shared cache; a forward
-    then costs what its rows and their lengths need, whatever ``max_batch`` and ``max_context``
-    are (attention over a 4096-slot cache is most of a decode step at batch 64 otherwise).
-
-    With ``length`` L < max_len, slot L of the global layers becomes the view's "trash" slot
-    (padding writes there, its position forced to -1), and keys at positions >= L are out of
-    sight. That is exact when L is above every position that a row of the view has written and
-    will still need, and above every query position of the forward: global slots are positions,
-    so what lies beyond L is stale (a previous tenant's) or in the future of every query, which
-    the causal mask hides anyway. The engine picks L so. Sliding-window rings are not trimmed.
-    """
-    length = cache.max_len if length is None else min(length, cache.max_len)
-    if lo == 0 and hi == cache.batch_size and length == cache.max_len:
-        return cache
-    known = {"k", "v", "pos_global", "pos_local"}
-    for name, value in vars(cache).items():  # fail loudly if the cache grew per-row state we'd miss
-        if name not in known and (isinstance(value, torch.Tensor) or
-                                  (isinstance(value, list) and value and isinstance(value[0], torch.Tensor))):
-            raise RuntimeError(f"KVCache.{name} is not known to the serving engine's row view")
-    local = [cache.config.is_local(i) for i in range(len(cache.k))]
-    view = copy.copy(cache)
-    view.k = [t[lo:hi] if loc else t[lo:hi, :, :length + 1] for t, loc in zip(cache.k, local)]  # [b, KV, slots, D]
-    view.v = [t[lo:hi] if loc else t[lo:hi, :, :length + 1] for t, loc in zip(cache.v, local)]
-    view.pos_global = cache.pos_global[lo:hi, :length + 1]  # [b, length + 1]
-    view.pos_local = cache.pos_local[lo:hi]  # [b, ring + 1]
-    view.batch_size = hi - lo
-    view.max_len = length
-    return view
 
 
 def _runs(items: list, key: Callable[[object], int]) -> list[list]:
@@ -222,7 +173,7 @@ class Engine:
         self.prefill_forwards = 0
 
     # -- thread-safe API ---------------------------------------------------------------------------
-    def new_seq(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> Seq:
+    def new_seq(self, prompt_ids: Sequence[int], params: GenerationConfig, sink: Callable[[Event], None]) -> Seq:
         return Seq(prompt_ids, params, sink, tokenizer=self.tokenizer, stop_ids=self.stop_ids, device=self.device)
 
     def start(self) -> Engine:
@@ -350,9 +301,7 @@ class Engine:
                       completion_tokens=seq.row.completion_tokens)
         self._retire(seq, "error")
         if slot is not None:
-            for t in self.cache.k + self.cache.v:
-                t[slot].zero_()  # [KV, slots, D]
-            self.cache.reset([slot])
+            self.cache.reset([slot], zero=True)
         if not seq.cancelled:
             out.append((seq, event))
 
@@ -427,21 +376,13 @@ class Engine:
         rows are padding) and the first token of each prompt that is now complete."""
         run = sorted(run, key=lambda w: w[0].slot)
         lo, hi = run[0][0].slot, run[-1][0].slot + 1
-        fresh = [seq.slot for seq, start, _ in run if start == 0]
-        if fresh:
-            self.cache.reset(fresh)  # forget the slot's previous tenant (its ring holds old positions)
-        view = row_view(self.cache, lo, hi, self._length(max(end for _, _, end in run)))
-        T = max(end - start for _, start, end in run)
-        tokens = torch.full((hi - lo, T), self.pad_id, dtype=torch.long)  # [b, T], built on the host
-        pos = torch.full((hi - lo, T), -1, dtype=torch.long)  # [b, T]; -1: padding, never written
-        at = torch.zeros(hi - lo, dtype=torch.long)  # [b], each row's last chunk position
+        view = self.cache.rows(lo, hi, self._length(max(end for _, _, end in run)))
+        chunks: list = [None] * (hi - lo)
+        starts = [0] * (hi - lo)
         for seq, start, end in run:
-            r = seq.slot - lo
-            tokens[r, :end - start] = torch.tensor(seq.row.prompt_ids[start:end], dtype=torch.long)
-            pos[r, :end - start] = torch.arange(start, end)
-            at[r] = end - start - 1
-        dev = self.device
-        logits = self.model(tokens.to(dev), pos.to(dev), view, logits_at=at.to(dev))[:, 0]  # [b, V]
+            chunks[seq.slot - lo], starts[seq.slot - lo] = seq.row.prompt_ids[start:end], start
+        # rows starting at 0 are reset first: a slot's previous tenant left its ring behind
+        logits = prefill(self.model, view, chunks, start=starts, pad_id=self.pad_id, chunk_size=self.prefill_chunk)
         self.prefill_forwards += 1
         self.metrics.prefilled(sum(end - start for _, start, end in run))
         ready = []
@@ -470,7 +411,7 @@ class Engine:
         # Every row in 0..hi holds positions below its own `prefilled` / next position: the view's length.
         need = max(s.prefilled if s.prefilled < s.prompt_tokens else s.row.position + 1
                    for s in self._slots[:hi] if s is not None)
-        view = row_view(self.cache, 0, hi, self._length(need))
+        view = self.cache.rows(0, hi, self._length(need))
         logits = decode_step(self.model, tokens.to(dev), pos.to(dev), view)  # [hi, V]
         self.steps += 1
         self._emit(logits, [(s, s.slot) for s in live], out)
@@ -483,8 +424,7 @@ class Engine:
     def _emit(self, logits: torch.Tensor, rows: list[tuple[Seq, int]], out: list[tuple[Seq, Event]]) -> None:
         """Sample one token for each (sequence, row of ``logits`` [b, V]) and record the events; a
         row that fails (non-finite logits, sampling or detokenization raising) ends its sequence."""
-        # Any NaN or inf in a row makes its float32 sum non-finite: one pass, no [b, V] temporary.
-        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))  # [b]
+        finite = finite_rows(logits)  # [b]
         greedy, finite = torch.stack((logits.argmax(dim=-1), finite.long())).tolist()  # [2, b]: one host sync
         now = time.monotonic()
         ttft, itl = [], []
@@ -522,10 +462,10 @@ class Engine:
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """Log-softmax of one row of raw logits [V]: the chosen token's value and the ``top`` best."""
-    lsm = torch.log_softmax(logits.float(), dim=-1)  # [V]
+    """The sampled token's log-probability under one row of raw logits [V], and the ``top`` best."""
+    lp, _, lse = from_logits(logits[None], torch.tensor([token], device=logits.device))
     best = []
     if top > 0:
-        values, ids = lsm.topk(top)  # [top] each
-        best = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(lsm[token]), best)
+        values, ids = logits.float().topk(top)  # [top] each
+        best = list(zip(ids.tolist(), (values - lse).tolist()))
+    return TokenLogprob(token, float(lp[0]), best)

@@ -7,7 +7,7 @@ lists sized) and gives the OpenAPI description (``GET /openapi.json``, :func:`op
 What depends on the served model (the context, the vocabulary, the chat format) is checked next,
 and the request becomes a :class:`GenRequest`: token ids per prompt (completion prompts through
 :meth:`Tokenizer.encode`, conversations through the one chat formatter,
-:func:`opengemma.chat.format_chat`) and one :class:`SamplingParams` per choice. Anything wrong
+:func:`opengemma.chat.format_chat`) and one :class:`~opengemma.generate.GenerationConfig` per choice. Anything wrong
 raises :class:`ApiError`, which the app turns into OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. Nothing here touches the
 model, so every check runs before a request takes a place in the queue, and nothing a client sends
@@ -55,7 +55,8 @@ from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from ..chat import format_chat
 from ..errors import OpenGemmaError
-from .engine import SamplingParams, TokenLogprob
+from ..generate import GenerationConfig
+from .engine import TokenLogprob
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 16  # prompts per completion request
@@ -118,7 +119,7 @@ class GenRequest:
     kind: str  # "completion" | "chat"
     model: str
     prompts: list[list[int]]
-    params: list[SamplingParams]
+    params: list[GenerationConfig]
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
@@ -322,7 +323,7 @@ def _model(req: _GenerationRequest, info: ServeInfo) -> str:
 
 
 def _sampling(req: _GenerationRequest, info: ServeInfo, max_tokens: int, n: int,
-              logprobs: int | None) -> list[SamplingParams]:
+              logprobs: int | None) -> list[GenerationConfig]:
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = None if req.top_p is None or req.top_p >= 1.0 else req.top_p
     top_k = req.top_k
@@ -330,8 +331,8 @@ def _sampling(req: _GenerationRequest, info: ServeInfo, max_tokens: int, n: int,
         top_k = None  # 0 and -1 mean off (OpenAI-style servers use either); k >= vocabulary keeps every token
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     seeds = [None if req.seed is None else (req.seed + j) % SEED_RANGE[1] for j in range(n)]  # distinct per choice
-    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
-                           stop=stop, logprobs=logprobs, ignore_eos=bool(req.ignore_eos))
+    return [GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
+                             stop=stop, logprobs=logprobs, ignore_eos=bool(req.ignore_eos))
             for s in seeds]
 
 

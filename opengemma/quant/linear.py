@@ -1,4 +1,4 @@
-"""Weight-only quantization: int8 (per output channel, symmetric) and int4 (groups of 32, asymmetric).
+"""Weight-only quantized linear layers: int8 (per output channel, symmetric) and int4 (groups of 32, asymmetric).
 
 Every ``nn.Linear`` becomes an :class:`Int8Linear` / :class:`Int4Linear` and the tied embedding a
 :class:`QuantizedEmbedding` (``forward(ids)`` gathers and dequantizes only the looked-up rows,
@@ -40,7 +40,7 @@ tensors load *directly* (no re-quantization); it is the most accurate choice; an
 no slower with it (head: 27 ms for 32 vs 35 ms for 64/128, within noise). Cost: bf16 scale+zero
 per 32 weights = 1 extra bit per weight (5 bits/weight in all, Q4_0 has 4.5).
 
-GGUF tensors load straight into these modules (:mod:`opengemma.quant_gguf`).
+GGUF tensors load straight into these modules (:mod:`opengemma.quant.gguf`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "QuantizedEmbedding",
-    "perplexity",
+    "check_mode",
     "quantize_model",
 ]
 
@@ -432,9 +432,9 @@ class QuantizedEmbedding(nn.Module):
 
 
 # -- model-level ----------------------------------------------------------------------------------
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
-        from .errors import OpenGemmaError
+        from ..errors import OpenGemmaError
 
         raise OpenGemmaError(f"unknown quantization {mode!r}; choose one of none, {', '.join(MODES)}")
 
@@ -455,8 +455,8 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = DEFAULT_GRO
     input size is not a multiple of ``group_size`` gets int8 in int4 mode. ``fuse`` then stacks
     q/k/v and gate/up (:func:`fuse_projections`).
     """
-    _check_mode(mode)
-    from .model import TiedEmbedding
+    check_mode(mode)
+    from ..model import TiedEmbedding
 
     targets = [(name, mod) for name, mod in model.named_modules()
                if (isinstance(mod, nn.Linear) and mod.bias is None) or isinstance(mod, TiedEmbedding)]
@@ -497,27 +497,6 @@ def _concat(mods: list[nn.Module]) -> nn.Module | None:
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Stack each layer's q/k/v and gate/up quantized weights into one matrix each (in place;
     :func:`opengemma.fusion.fuse_projections` with :func:`_concat`)."""
-    from .fusion import fuse_projections as fuse
+    from ..fusion import fuse_projections as fuse
 
     return fuse(model, _concat)
-
-
-# -- quality --------------------------------------------------------------------------------------
-@torch.no_grad()
-def perplexity(model, ids, *, chunk: int = 512) -> float:
-    """Perplexity of ``model`` on one token sequence (list or 1-D tensor; the first token is
-    context only), computed with a KV cache in chunks of ``chunk`` positions."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-    dev = model.final_norm.weight.device
-    ids = ids.to(dev)
-    T = ids.shape[1]
-    cache = model.make_cache(1, T)
-    nll, n = 0.0, 0
-    for i in range(0, T - 1, chunk):
-        j = min(i + chunk, T - 1)
-        logits = model(ids[:, i:j], torch.arange(i, j, device=dev), cache)  # [1, t, V]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tgt = ids[:, i + 1:j + 1]
-        nll -= logp.gather(-1, tgt[..., None]).sum().item()
-        n += tgt.numel()
-    return math.exp(nll / n)

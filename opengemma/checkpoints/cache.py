@@ -35,7 +35,8 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-from .config import GemmaConfig
+from ..config import GemmaConfig
+from ..errors import OpenGemmaError
 
 # Bump when converted tensors would differ for the same source and options (2: least-squares int4
 # grids; 3: entries also hold the tokenizer's vocabulary arrays, vocab.safetensors).
@@ -267,3 +268,52 @@ def clear() -> tuple[int, int]:
         else:
             path.unlink(missing_ok=True)
     return len(listed), size
+
+
+# -- loading a GGUF through the cache ------------------------------------------------------------
+
+# Marks an entry whose conversion checked every weight (checkpoints.check_finite): such an entry is
+# trusted as it is, since its key is the SHA-256 of the source file's content -- the same bytes get
+# the same verdict. Checking again at each start would read the whole memory-mapped entry (1.1 GB
+# fp32 for the 270M) and undo the cache's fast cold start. An entry without the mark (written
+# before the check existed) is converted again, once, which checks it.
+CHECKED = "weights_checked"
+
+
+def load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str = "cpu", quantize: str | None = None):
+    """(model, tokenizer) of a GGUF file through the cache: converted once (seconds), then
+    memory-mapped. ``quantize`` ("int8" / "int4", CPU only) stores the packed weights; their
+    layouts are torch's own, so that key includes the torch version."""
+    from ..tokenizer import Tokenizer
+    from . import load_weights, reader
+
+    if quantize:
+        entry = entry_dir(path, dtype=str(dtype), quantize=quantize, torch=torch.__version__)
+    else:
+        entry = entry_dir(path, dtype=str(dtype))
+    hit = read(entry)
+    if hit is not None and hit[2] is not None and hit[3].get(CHECKED) and (not quantize or "plan" in hit[3]):
+        config, tensors, _, extra = hit
+        try:
+            tokenizer = Tokenizer.from_file(entry / "tokenizer.model", vocab=read_vocab(entry))
+            if quantize:
+                from ..quant import store
+
+                return store.from_flat(config, tensors, extra["plan"]), tokenizer
+            return load_weights(config, tensors, dtype=dtype, device=device), tokenizer
+        except OpenGemmaError:
+            pass  # a damaged entry: convert again (and replace it)
+    tokenizer = Tokenizer.from_gguf(path)
+    if quantize:
+        from ..quant import gguf as quant_gguf
+        from ..quant import store
+
+        config, net = quant_gguf.quantized_from_gguf(path, quantize, dtype=dtype, device="cpu")
+        tensors, plan = store.to_flat(net)
+        extra = {"plan": plan}
+    else:
+        config, tensors = reader("gguf").load(path, dtype=dtype)
+        net, extra = None, {}
+    write(entry, config, tensors, tokenizer.model_bytes(), extra={**extra, CHECKED: True},
+          vocab=tokenizer.vocab_arrays())
+    return (net if quantize else load_weights(config, tensors, dtype=dtype, device=device)), tokenizer

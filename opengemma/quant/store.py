@@ -1,5 +1,5 @@
 """Quantized models as flat tensors plus a plan of their modules, and back: what lets the
-converted-weight cache (:mod:`opengemma.weight_cache`) keep int8/int4 models too, so a quantized
+converted-weight cache (:mod:`opengemma.checkpoints.cache`) keep int8/int4 models too, so a quantized
 cold start memory-maps the packed weights instead of converting the GGUF again (fast-inference
 issue, item 4).
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import GemmaConfig
-from .fusion import adopt_stacked
-from .errors import OpenGemmaError
-from .quant import Int4Linear, Int8Linear, QuantizedEmbedding
+from ..config import GemmaConfig
+from ..fusion import adopt_stacked
+from ..errors import OpenGemmaError
+from .linear import Int4Linear, Int8Linear, QuantizedEmbedding
 
 __all__ = ["from_flat", "to_flat"]
 
@@ -62,7 +62,7 @@ def _build(prefix: str, spec: dict, tensors: dict[str, torch.Tensor], used: set[
 
 def from_flat(config: GemmaConfig, tensors: dict[str, torch.Tensor], plan: dict) -> nn.Module:
     """The quantized model that :func:`to_flat` flattened; every tensor must be used exactly once."""
-    from .model import build_model
+    from ..model import build_model
 
     model = build_model(config, device="meta")
     used: set[str] = set()

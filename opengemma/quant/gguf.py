@@ -1,4 +1,4 @@
-"""GGUF weights straight into the quantized modules of :mod:`opengemma.quant`, without a float
+"""GGUF weights straight into the quantized modules of :mod:`opengemma.quant.linear`, without a float
 copy of the model (fast-inference issue, item 1: "load GGUF weights straight into the matching
 quantized form where the GGUF is already quantized").
 
@@ -12,7 +12,7 @@ quantized form where the GGUF is already quantized").
 * Q8_0 (int8 blocks of 32, one fp16 scale per block) has no exact per-channel int8 form (the
   block scales differ along a row), and Q5_0 / Q6_K have more than 4 bits: these tensors are
   dequantized one tensor at a time (in row chunks) and re-quantized to the requested mode
-  (int4: least-squares grids per group, :func:`opengemma.quant.quantize_int4`).
+  (int4: least-squares grids per group, :func:`opengemma.quant.linear.quantize_int4`).
   Q8_0 -> per-channel int8 adds at most half a per-row step (|row|max / 254) to each weight.
 * In ``int8`` mode, Q4_0 / Q4_K tensors are still loaded as exact int4 (``int4_exact=True``):
   re-quantizing a 4-bit tensor to 8 bits per channel would only add error and bytes.
@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import MATRIX_LIMIT, check_finite
-from .quant import (
+from ..checkpoints import MATRIX_LIMIT, check_finite
+from .linear import (
     _CHUNK_ROWS,
     DEFAULT_GROUP,
     Int4Linear,
     QuantizedEmbedding,
-    _check_mode,
+    check_mode,
     _default_compute_dtype,
     build_int4,
     build_int8,
@@ -167,10 +167,10 @@ def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, 
     loaded in ``dtype`` (the activation dtype). Peak memory: the quantized model plus one chunk.
     ``fuse`` stacks q/k/v and gate/up where they got the same kind (:func:`fuse_projections`).
     """
-    _check_mode(mode)
-    from .checkpoints import gguf as g
-    from .errors import OpenGemmaError
-    from .model import build_model
+    check_mode(mode)
+    from ..checkpoints import gguf as g
+    from ..errors import OpenGemmaError
+    from ..model import build_model
 
     dev = torch.device(device)
     with g._Mapped(path) as m:

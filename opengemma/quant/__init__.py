@@ -1,0 +1,20 @@
+"""Weight-only quantization, one package: the quantized modules, GGUF tensors loaded straight into
+them, and their packed storage in the converted-weight cache.
+
+* :mod:`opengemma.quant.linear` -- :class:`Int8Linear` (per output channel) and :class:`Int4Linear`
+  (groups of 32) over PyTorch's packed kernels, :class:`QuantizedEmbedding` for the tied
+  embedding/output head, and :func:`quantize_model`, which replaces a float model's linear layers
+  and stacks q/k/v and gate/up (:mod:`opengemma.fusion`, applied from outside the model).
+* :mod:`opengemma.quant.gguf` -- a GGUF file into a quantized model without a float copy; 4-bit
+  GGUF tensors become int4 exactly.
+* :mod:`opengemma.quant.store` -- a quantized model as flat tensors plus a plan, and back, so the
+  converted-weight cache (:mod:`opengemma.checkpoints.cache`) memory-maps packed weights.
+
+Importing the package imports only the modules (no ``gguf`` package): a cached load never needs
+the GGUF reader.
+"""
+
+from .linear import MODES, Int4Linear, Int8Linear, QuantizedEmbedding, check_mode, fuse_projections, quantize_model
+
+__all__ = ["MODES", "Int4Linear", "Int8Linear", "QuantizedEmbedding", "check_mode", "fuse_projections",
+           "quantize_model"]
