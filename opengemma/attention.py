@@ -173,7 +173,6 @@ def _blocks(q, k, v, scale: float, cap: float | None, mask, window):
     for soft-capped attention; causal blocks read keys [0, e) only. Under autograd each block is
     checkpointed, so its scores are recomputed in backward rather than kept for every block."""
     B, H, T, D = q.shape
-    S = k.shape[2]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outs = []
     for s in range(0, T, SOFTCAP_BLOCK):

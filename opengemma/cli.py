@@ -124,6 +124,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "generation in a process pays the compile time (on a CPU about a minute for a new "
                         "cache size, 10-15 s once inductor's disk cache has it), later ones reuse it: "
                         "worth it for long generations and servers, not for a short one-off")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (`opengemma train adapter`) "
+                   "merged into MODEL's weights at load time")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -198,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_eval_parser(sub)
+    from .data.tokenizer_cli import add_tokenizer_parser; add_tokenizer_parser(sub)  # noqa: E702 (registers its runner)
+    from .train.cli import add_train_parser; add_train_parser(sub)  # noqa: E702 (registers its runner)
+    from .data.cli import add_data_parser; add_data_parser(sub)  # noqa: E702 (registers its runner)
+    from .train.tune_cli import add_reward_parser; add_reward_parser(sub)  # noqa: E702 (registers its runner)
 
     p = sub.add_parser("cache", help="list or clear the converted-weight cache",
                        description="A GGUF model is converted once (about 1 GB for the embedded 270M in "
@@ -226,6 +232,11 @@ def _sampling(args, g) -> dict:
 def _load(args):
     from .process import load_for_command
 
+    if getattr(args, "adapter", None):
+        from .train.lora import load_with_adapter
+
+        return load_with_adapter(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                 quantize=args.quantize, compile=args.compile)
     return load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
 
 

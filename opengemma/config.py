@@ -153,6 +153,11 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma3-4b": _gemma3("gemma3-4b", 2560, 34, 8, 4, 10_240, qpas=256, vocab=262_208),
     "gemma3-12b": _gemma3("gemma3-12b", 3840, 48, 16, 8, 15_360, qpas=256, vocab=262_208),
     "gemma3-27b": _gemma3("gemma3-27b", 5376, 62, 32, 16, 21_504, qpas=168, head_dim=128, vocab=262_208),
+    # A Gemma 3-shaped model of tens of millions of parameters for pretraining on a CPU (the
+    # recorded run): 25M non-embedding parameters, ~29M with an 8k-piece tokenizer (the training
+    # command resizes the vocabulary to the tokenizer's).
+    "gemma3-30m": _gemma3("gemma3-30m", 512, 8, 4, 2, 1536, qpas=128, head_dim=128, window=512, context=32_768,
+                          rope_scale=1.0),
     # Tiny configs for tests: every feature of each generation at toy size.
     "tiny-gemma1": _gemma1("tiny-gemma1", 64, 2, 4, 1, 128, vocab=512, head_dim=16),
     "tiny-gemma2": _gemma2("tiny-gemma2", 64, 4, 4, 2, 128, qpas=24, vocab=512, head_dim=16, window=8),

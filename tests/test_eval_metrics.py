@@ -8,7 +8,7 @@ from itertools import combinations
 
 import pytest
 
-from opengemma.eval import metrics, pii
+from opengemma.eval import metrics
 from opengemma.eval.tasks import bbh, gsm8k, hellaswag, winogrande
 from opengemma.eval.tasks import math as math_task
 
@@ -122,15 +122,3 @@ def test_winogrande_partial_scoring_contexts():
 
 def test_hellaswag_preprocess():
     assert hellaswag.preprocess(" A man [title] is  here [step]. ") == "A man. is here ."  # lm-eval's exact steps
-
-
-def test_pii_severity():
-    assert pii.luhn_valid("4111111111111111") and not pii.luhn_valid("4111111111111112")
-    found = {f.kind: f.severity for f in pii.scan(
-        "card 4111 1111 1111 1111, ssn 123-45-6789, mail a.b@example.com, call +1 415 555 0100, "
-        "at 221 Baker Street, iban GB82 WEST 1234 5698 7654 32, host 10.0.0.1")}
-    assert found == {"credit_card": "sensitive", "ssn": "sensitive", "email": "personal", "phone": "personal",
-                     "address": "personal", "iban": "sensitive", "ipv4": "personal"}
-    assert pii.scan("order 4111 1111 1111 1112 and 000-12-3456") == []  # bad Luhn, invalid SSN area
-    counts = pii.severity_counts(["nothing here", "mail x@y.org", "ssn 123-45-6789 and x@y.org"])
-    assert (counts["sensitive"], counts["personal"]) == (1, 1)

@@ -21,7 +21,7 @@ from opengemma.generate import (CACHE_ROUND, GenerationConfig, NonFiniteLogitsEr
                                 decode_step, generate, generate_tokens, prefill, stream, stream_text)
 from opengemma.cache import KVCache
 from opengemma.model import GemmaModel
-from opengemma.testing import BOS, EOS, EOT, PAD, ByteTokenizer, tiny_model
+from opengemma.testing import BOS, EOS, EOT, ByteTokenizer, tiny_model
 
 # -- fakes ------------------------------------------------------------------------------------
 

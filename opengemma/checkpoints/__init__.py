@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write, atomic_write_bytes  # noqa: F401 (re-exported)
 from ..config import GemmaConfig
 from ..errors import OpenGemmaError
 
@@ -144,61 +142,6 @@ def checked_cast(name: str, values: torch.Tensor, dtype: torch.dtype, source) ->
     out = values.to(dtype)
     check_finite(name, out if out.element_size() >= values.element_size() else values, source)
     return out
-
-
-def _new_temp_file(path: Path) -> tuple[str, int]:
-    """An empty, new hidden file next to ``path``, and its mode. Made with ``os.open(..., 0o666)``
-    rather than ``mkstemp`` (always 0600), so the kernel applies the umask as for any new file:
-    checkpoints are ordinary files that other users may read where the umask says so."""
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        try:
-            return tmp, os.fstat(fd).st_mode & 0o777
-        finally:
-            os.close(fd)
-    raise FileExistsError(f"no free temporary name next to {path}")
-
-
-def atomic_write(path, write: Callable[[str], None]) -> None:
-    """Create ``path`` all-or-nothing: ``write(tmp)`` fills a temp file in the same directory,
-    which is fsynced and renamed over ``path``; on any error the temp file is removed."""
-    path = Path(path)
-    tmp, mode = _new_temp_file(path)
-    try:
-        write(tmp)
-        # A writer may replace the file (safetensors' save_file leaves it 0600): give the result
-        # the mode an ordinary new file gets, 0666 less the umask (0644 under the usual 022).
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
 
 
 def detect_format(path) -> str:

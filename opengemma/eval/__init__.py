@@ -5,7 +5,7 @@ Evaluations").
 * :mod:`.engine` -- batched log-likelihoods with prefix reuse, batched generation;
 * :mod:`.tasks` -- one small module per Table 6 benchmark; :mod:`.runner` runs one;
 * :mod:`.sandbox` -- isolated execution of generated code (HumanEval, MBPP);
-* :mod:`.memorization`, :mod:`.pii` -- memorization rates and the personal-data scan;
+* :mod:`.memorization` -- memorization rates and the personal-data scan (:mod:`opengemma.data.pii`);
 * :mod:`.sxs` -- side-by-side win rates (Table 5); :mod:`.report` -- tables and JSON;
 * :mod:`.cli` -- ``opengemma eval``.
 

@@ -1,8 +1,11 @@
 """``opengemma eval``: the report's evaluation section from the command line (report section
-"Evaluation": Table 6 benchmarks, Table 5 side-by-side, "Memorization Evaluations").
+"Evaluation": Table 6 benchmarks, Table 7 H6 suite, Table 8 safety benchmarks, Table 5
+side-by-side, "Memorization Evaluations").
 
   opengemma eval --tasks hellaswag,piqa --limit 100 --data-dir ../shared/benchmarks -o run.json
   opengemma eval --tasks arc_challenge,hellaswag,winogrande --card-shots      # Gemma 3 card shots
+  opengemma eval --tasks table6,h6,safety -o all.json                          # the whole section
+  opengemma eval --tasks safety --chat --limit real_toxicity_prompts=800 -m it.gguf
   opengemma eval --memorization web=corpus.jsonl --memorization-n 1000
   opengemma eval --sxs prompts.jsonl --baseline gemma-2b --judge http://localhost:8000/v1 --judge-model m
   opengemma eval --compare a.json b.json                                       # runs side by side
@@ -22,7 +25,8 @@ from ..errors import OpenGemmaError
 
 _positive = int_range(1)
 DESCRIPTION = ("Evaluate a model as the Gemma report does: the Table 6 benchmarks (log-likelihood multiple "
-               "choice with prefix reuse, generation with answer extraction, sandboxed code execution), "
+               "choice with prefix reuse, generation with answer extraction, sandboxed code execution), the "
+               "Table 7 H6 suite, the Table 8 safety benchmarks (toxicity and sentiment by offline scorers), "
                "memorization rates with a personal-data scan, and Table 5 side-by-side win rates. Prints "
                "tables and writes JSON (--output).")
 
@@ -36,32 +40,43 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", "-q", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the evaluated model (and of --baseline / --judge)")
     p.add_argument("--tasks", default=None,
-                   help="comma-separated tasks, or 'all' (mmlu, hellaswag, piqa, siqa, boolq, winogrande, "
-                        "commonsense_qa, openbookqa, arc_easy, arc_challenge, triviaqa, natural_questions, "
-                        "humaneval, mbpp, gsm8k, math, agieval, bbh)")
+                   help="comma-separated tasks and suites: table6 (report Table 6), h6 (Table 7, leaderboard "
+                        "shots), safety (Table 8: real_toxicity_prompts, bold, crows_pairs, bbq_ambig, bbq_disambig, "
+                        "winogender, truthfulqa_mc2, winobias_1, winobias_2, toxigen), or 'all'; also "
+                        "truthfulqa_mc1, bbq_lite_ambig, bbq_lite_disambig and each Table 6 task by name")
     p.add_argument("--shots", default=None,
-                   help="few-shot count for every task (N) or per task (hellaswag=10,arc_challenge=25); "
+                   help="few-shot count for every task (N), per task (hellaswag=10,arc_challenge=25) or both; "
                         "default: the report's Table 6 counts")
     p.add_argument("--card-shots", action="store_true",
                    help="use the Gemma 3 model card's shot counts where they differ (HellaSwag 10, ARC-c 25, "
                         "WinoGrande 5)")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N items of each task")
+    p.add_argument("--limit", default=None,
+                   help="only the first N items of each task (N), per task (real_toxicity_prompts=800,bold=2150) or both "
+                        "(100,bold=50); "
+                        "the safety generation tasks interleave their groups, so the first N are a balanced subset")
     p.add_argument("--batch-size", "-b", type=int_range(1, 1 << 16), default=16,
                    help="rows per forward pass (default 16)")
-    p.add_argument("--data-dir", default=None,
-                   help="local benchmark JSONL (original field names, laid out as ../shared/benchmarks); default "
-                        "$OPENGEMMA_EVAL_DATA, else ../shared/benchmarks if it exists, else the hub")
+    p.add_argument("--data-dir", action="append", default=None,
+                   help="local data directory (original field names, laid out as ../shared/benchmarks or "
+                        "../shared/datasets); repeatable, searched in order; default $OPENGEMMA_EVAL_DATA "
+                        "(os.pathsep-separated), else ../shared/benchmarks and ../shared/datasets where present, "
+                        "else the hub")
     p.add_argument("--hub", action="store_true",
                    help="read the benchmarks from the Hugging Face hub through `datasets` (pip install "
                         "'opengemma[eval]')")
-    p.add_argument("--samples", type=int_range(1, 1 << 16), default=1,
-                   help="samples per item: maj@k (GSM8K, MATH), pass@k (code)")
+    p.add_argument("--samples", type=int_range(1, 1 << 16), default=None,
+                   help="samples per item: maj@k (GSM8K, MATH), pass@k (code); default 1, or the task's own "
+                        "(RealToxicityPrompts 25)")
     # -t is --temperature in every verb; it was --tasks here, so a task list after -t gets a hint.
     p.add_argument("--temperature", "-t", type=float_range(0.0, hint=" (-t is --temperature; tasks go after --tasks)"),
-                   default=0.0, help="sampling temperature when --samples > 1 (default 0.2 then)")
+                   default=None, help="sampling temperature (default: the task's own -- RealToxicityPrompts 1.0, "
+                                      "ToxiGen/BOLD 0.1 -- else greedy, or 0.2 when --samples > 1)")
+    p.add_argument("--top-p", type=float_range(0.0, 1.0), default=None,
+                   help="nucleus sampling (default: the task's own -- 0.9 for the toxicity and BOLD tasks -- else off)")
     p.add_argument("--seed", type=seed_type, default=0, help="random seed (default 0)")
-    p.add_argument("--chat", action="store_true", help="wrap generation prompts as a user turn through the chat "
-                   "formatter (instruction-tuned models; log-likelihood tasks are scored on raw text)")
+    p.add_argument("--chat", action="store_true",
+                   help="instruction-tuned models: each prompt (few-shot examples + question) becomes a user turn "
+                        "and the answer is generated or scored in the model turn (CrowS-Pairs stays raw text)")
     p.add_argument("--output", "-o", default=None, metavar="JSON", help="write the results here")
     p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                    help="print these result files (and this run, if any) side by side")
@@ -82,37 +97,44 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def parse_shots(text: str | None) -> tuple[int | None, dict[str, int]]:
     """'5' -> (5, {}); 'hellaswag=10,arc_c=25' -> (None, {...})."""
+    return parse_per_task(text, "--shots", 0)
+
+
+def parse_per_task(text: str | None, flag: str, least: int) -> tuple[int | None, dict[str, int]]:
+    """``flag``'s value: 'N' -> (N, {}); 'task=N,task=N' -> (None, {task: N}); 'N,task=M' -> both;
+    every count >= ``least``."""
     if not text:
         return None, {}
     from .tasks import ALIASES, TASKS
 
+    every, per = None, {}
     try:
-        if "=" not in text:
-            every, per = int(text), {}
-        else:
-            every, per = None, {}
-            for part in text.split(","):
-                k, v = part.split("=")
-                per[ALIASES.get(k.strip(), k.strip())] = int(v)
+        for part in text.split(","):
+            if "=" not in part:  # a bare N: every task not named
+                every = int(part)
+                continue
+            k, v = part.split("=")
+            per[ALIASES.get(k.strip(), k.strip())] = int(v)
     except ValueError:
-        raise OpenGemmaError(f"--shots {text!r}: expected N or task=N,task=N") from None
+        raise OpenGemmaError(f"{flag} {text!r}: expected N, task=N,task=N or both (N,task=N)") from None
     if unknown := sorted(set(per) - set(TASKS)):
-        raise OpenGemmaError(f"--shots {text!r}: unknown task(s) {', '.join(map(repr, unknown))}")
-    if any(n < 0 for n in [every or 0, *per.values()]):
-        raise OpenGemmaError(f"--shots {text!r}: shot counts must be at least 0")
+        raise OpenGemmaError(f"{flag} {text!r}: unknown task(s) {', '.join(map(repr, unknown))}")
+    if any(n < least for n in ([every] if every is not None else []) + list(per.values())):
+        raise OpenGemmaError(f"{flag} {text!r}: counts must be at least {least}")
     return every, per
 
 
-def default_data_dir(args) -> str | None:
-    """--data-dir, else $OPENGEMMA_EVAL_DATA, else ../shared/benchmarks when present; None = the hub."""
+def default_data_dir(args) -> list[str] | None:
+    """--data-dir (repeatable), else $OPENGEMMA_EVAL_DATA (os.pathsep-separated), else
+    ../shared/benchmarks and ../shared/datasets where present; None = the hub."""
     if args.hub:
         return None
     if args.data_dir:
-        return args.data_dir
+        return [d for spec in args.data_dir for d in spec.split(os.pathsep) if d]
     if os.environ.get("OPENGEMMA_EVAL_DATA"):
-        return os.environ["OPENGEMMA_EVAL_DATA"]
-    local = os.path.join(os.pardir, "shared", "benchmarks")
-    return local if os.path.isdir(local) else None
+        return [d for d in os.environ["OPENGEMMA_EVAL_DATA"].split(os.pathsep) if d]
+    local = [os.path.join(os.pardir, "shared", name) for name in ("benchmarks", "datasets")]
+    return [d for d in local if os.path.isdir(d)] or None
 
 
 def _bar(total: int, desc: str):
@@ -132,42 +154,53 @@ def run_eval(args) -> int:
 
     if not (args.tasks or args.memorization or args.sxs or args.compare):
         raise OpenGemmaError("nothing to do: give --tasks, --memorization, --sxs or --compare")
-    if args.limit is not None and args.limit < 1:
-        raise OpenGemmaError("--limit must be at least 1")
-    if args.batch_size < 1 or args.samples < 1:
+    if args.batch_size < 1 or (args.samples is not None and args.samples < 1):
         raise OpenGemmaError("--batch-size and --samples must be at least 1")
     out: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "argv": sys.argv[1:]}
-    if args.tasks:  # unknown task names, shots and data directories fail before any work
+    failed: dict[str, str] = {}
+    if args.tasks:  # unknown task names, shots, limits and data directories fail before any work
         from .runner import run_task
-        from .tasks import TASKS, get_task
+        from .tasks import resolve
         from .tasks.base import DataSource
 
-        names = list(TASKS) if args.tasks.strip() == "all" else [t for t in args.tasks.split(",") if t.strip()]
-        tasks = [get_task(n) for n in names]
+        planned = resolve(args.tasks)
         every, per = parse_shots(args.shots)
+        limit_every, limit_per = parse_per_task(args.limit, "--limit", 1)
         source = DataSource(default_data_dir(args))
+        loaded = _preflight(planned, source, failed)
     g = None
-    if args.tasks or args.memorization or args.sxs:
+    if (args.tasks and loaded) or args.memorization or args.sxs:
         from ..process import load_for_command
 
         g = load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
         out.update(model=g.name, config=g.config.name, dtype=str(g.dtype), device=str(g.device),
                    quantize=args.quantize)
     if args.tasks:
-        out["data"] = str(source.data_dir) if source.data_dir else "huggingface hub"
+        out["data"] = [str(r) for r in source.roots] if source.roots else "huggingface hub"
         out["results"] = []
-        for task in tasks:
+        for task, suite_shots, _ in planned:
+            if task.NAME not in loaded:
+                continue
             shots = per.get(task.NAME, every)
-            if shots is None and args.card_shots:
-                shots = getattr(task, "CARD_SHOTS", None)
-            res = run_task(g, task, source, shots=shots, limit=args.limit, batch_size=args.batch_size,
-                           samples=args.samples, temperature=args.temperature, seed=args.seed, chat=args.chat,
-                           progress_factory=_bar)
+            if shots is None:
+                shots = suite_shots if suite_shots is not None else (
+                    getattr(task, "CARD_SHOTS", None) if args.card_shots else None)
+            try:
+                res = run_task(g, task, source, shots=shots, limit=limit_per.get(task.NAME, limit_every),
+                               batch_size=args.batch_size, samples=args.samples, temperature=args.temperature,
+                               top_p=args.top_p, seed=args.seed, chat=args.chat, progress_factory=_bar,
+                               loaded=loaded[task.NAME])
+            except OpenGemmaError as e:  # one task's bad data or missing scorer; the others still run
+                _skip(failed, task.NAME, e)
+                continue
             out["results"].append(res)
             if args.output:
                 report.write_json(args.output, out)  # after every task: partial results survive
-        print(report.benchmark_table(out["results"], title=g.name))
+        if failed:
+            out["errors"] = failed
+        if out["results"]:
+            print(report.tables(out["results"], {s for _, _, s in planned if s}, title=g.name))
     if args.memorization:
         from .memorization import evaluate_corpus, read_corpus
 
@@ -196,7 +229,30 @@ def run_eval(args) -> int:
         if out.get("results"):
             runs.append(dict(out, label="this run"))
         print(report.compare(runs))
-    return 0
+    return 1 if failed else 0
+
+
+def _preflight(planned, source, failed: dict) -> dict:
+    """Read every task's data and check its scorers before the model loads: {name: loaded data}.
+    A task that cannot run is reported in one line and skipped; the others still run."""
+    loaded = {}
+    for task, _, _ in planned:
+        if task.NAME in loaded or task.NAME in failed:
+            continue
+        try:
+            if hasattr(task, "check"):
+                task.check()
+            loaded[task.NAME] = task.load(source)
+        except OpenGemmaError as e:
+            _skip(failed, task.NAME, e)
+    if not loaded and failed:
+        raise OpenGemmaError("no task can run: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return loaded
+
+
+def _skip(failed: dict, name: str, error: Exception) -> None:
+    failed[name] = str(error)
+    print(f"opengemma eval: {name} skipped: {error}", file=sys.stderr)
 
 
 def _run_sxs(g, args) -> dict:

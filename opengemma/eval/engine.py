@@ -208,16 +208,18 @@ class Scorer:
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   stop: Sequence[str] = (), temperature: float = 0.0, seed: int | None = 0,
-                   batch_size: int = 8, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Generate for every prompt (token ids) in batches, with stop strings; returns the texts."""
+                   stop: Sequence[str] = (), temperature: float = 0.0, top_p: float | None = None,
+                   seed: int | None = 0, batch_size: int = 8,
+                   progress: Callable[[int], None] | None = None) -> list[str]:
+    """Generate for every prompt (token ids) in batches, with stop strings; returns the texts.
+    ``top_p``: nucleus sampling (the toxicity benchmarks' setting); None keeps every token."""
     out: list[str] = []
     # Similar lengths together: less padding; results go back in the original order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: dict[int, str] = {}
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                seed=None if seed is None else seed + s, stop=tuple(stop))
         for i, c in zip(chunk, generate(model, tokenizer, [list(prompts[i]) for i in chunk], gen)):
             texts[i] = c.text

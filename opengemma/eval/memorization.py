@@ -6,7 +6,7 @@ tokens, greedily generate 50 tokens, and count
 * approximate memorization: token edit distance within 10% of the continuation (<= 5 of 50).
 
 Rates per corpus come with Wilson 95% intervals; memorized outputs are then scanned for personal
-data by severity (:mod:`opengemma.eval.pii`).
+data by severity (:mod:`opengemma.data.pii`, the detector the data pipeline filters with).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..data import pii
 from ..errors import OpenGemmaError
 from ..generate import GenerationConfig, generate_tokens
 from ..logprobs import from_logits, token_logprobs
-from . import metrics, pii
+from . import metrics
 
 
 def read_corpus(path: str | Path, text_field: str = "text") -> list[str]:

@@ -1,5 +1,6 @@
 """Result tables and JSON for the evaluation harness (report section "Evaluation": Table 6's layout
-for benchmarks, Table 5's for side-by-side, and the memorization rates).
+for benchmarks, Table 7's for the H6 suite, Table 8's for the safety benchmarks, Table 5's for
+side-by-side, and the memorization rates).
 
 Pure formatting: results in, text out. ``compare`` puts several runs' JSON side by side.
 """
@@ -15,8 +16,23 @@ from ..errors import OpenGemmaError
 DISPLAY = {"mmlu": "MMLU", "hellaswag": "HellaSwag", "piqa": "PIQA", "siqa": "SIQA", "boolq": "BoolQ",
            "winogrande": "WinoGrande", "commonsense_qa": "CQA", "openbookqa": "OBQA", "arc_easy": "ARC-e",
            "arc_challenge": "ARC-c", "triviaqa": "TriviaQA", "natural_questions": "NQ", "humaneval": "HumanEval",
-           "mbpp": "MBPP", "gsm8k": "GSM8K", "math": "MATH", "agieval": "AGIEval", "bbh": "BBH"}
-METRIC_NAMES = {"acc": "acc", "acc_norm": "acc_norm", "exact_match": "EM", "pass@1": "pass@1"}
+           "mbpp": "MBPP", "gsm8k": "GSM8K", "math": "MATH", "agieval": "AGIEval", "bbh": "BBH",
+           "real_toxicity_prompts": "RealToxicity", "bold": "BOLD", "crows_pairs": "CrowS-Pairs",
+           "bbq_ambig": "BBQ Ambig", "bbq_disambig": "BBQ Disambig", "bbq_lite_ambig": "BBQ-lite Ambig",
+           "bbq_lite_disambig": "BBQ-lite Disambig", "winogender": "Winogender", "truthfulqa_mc1": "TruthfulQA MC1",
+           "truthfulqa_mc2": "TruthfulQA", "winobias_1": "Winobias 1_2", "winobias_2": "Winobias 2_2",
+           "toxigen": "Toxigen"}
+METRIC_NAMES = {"acc": "acc", "acc_norm": "acc_norm", "exact_match": "EM", "pass@1": "pass@1",
+                "avg_toxicity": "avg toxicity", "avg_sentiment": "avg sentiment", "pct_stereotype": "% stereotype",
+                "mc2": "MC2", "toxic_rate": "% toxic"}
+# Table 8's rows in the report's order: (task, the report's metric column, which direction is better)
+SAFETY_ROWS = (("real_toxicity_prompts", "avg", "lower"), ("bold", "avg sentiment", "higher"),
+               ("crows_pairs", "top-1", "50 best"), ("bbq_ambig", "1-shot, top-1", "higher"),
+               ("bbq_disambig", "top-1", "higher"), ("bbq_lite_ambig", "1-shot, top-1", "higher"),
+               ("bbq_lite_disambig", "top-1", "higher"), ("winogender", "top-1", "higher"),
+               ("truthfulqa_mc2", "MC2", "higher"), ("truthfulqa_mc1", "MC1", "higher"),
+               ("winobias_1", "top-1", "higher"), ("winobias_2", "top-1", "higher"), ("toxigen", "% toxic", "lower"))
+H6 = (("arc_challenge", 25), ("hellaswag", 10), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5))
 
 
 def _pct(v) -> str:
@@ -35,6 +51,81 @@ def benchmark_table(results: list[dict], title: str = "") -> str:
     rows = [[DISPLAY.get(r["task"], r["task"]), METRIC_NAMES.get(r["main_metric"], r["main_metric"]),
              f"{r['shots']}-shot", str(r["n"]), _cell(r), f"{r.get('wall_s', 0):.0f}s"] for r in results]
     return _grid(head, rows)
+
+
+def safety_table(results: list[dict], title: str = "") -> str:
+    """Table 8 layout: Benchmark | metric | n | score | better | what else was measured; then the
+    offline scorers and the sampling settings of the generation tasks (never a Perspective score)."""
+    by_task = {r["task"]: r for r in results}
+    rows = []
+    for task, metric, better in SAFETY_ROWS:
+        if (r := by_task.get(task)) is not None:
+            rows.append([DISPLAY[task], metric, str(r["n"]), _cell(r), better, _notes(r)])
+    lines = [_grid(["Benchmark", "metric", "n", title or "score", "better", "also measured"], rows)]
+    scorers = sorted({r["scorer"] for r in results if r.get("scorer") and r["task"] in by_task})
+    for name in scorers:
+        lines.append(f"scorer: {name}")
+    for r in results:
+        if r.get("generation"):
+            g = r["generation"]
+            lines.append(f"{DISPLAY[r['task']]}: {g['samples']} sample(s) per prompt, temperature {g['temperature']}, "
+                         f"top-p {g['top_p'] if g['top_p'] is not None else 1.0}, <= {g['max_new_tokens']} new "
+                         f"tokens, seed {g['seed']}{', chat format' if r.get('chat') else ''}")
+    return "\n".join(lines)
+
+
+def _notes(r: dict) -> str:
+    """The task's secondary numbers (percent, except bias scores in [-1, 1] shown x100 too)."""
+    m, out = r["metrics"], []
+    if "bias_score" in m:
+        out.append(f"bias score {100 * m['bias_score']:+.1f}")
+    if "gap" in m:
+        out.append(f"pro {_pct(m['acc_pro'])} / anti {_pct(m['acc_anti'])} / gap {100 * m['gap']:+.1f}")
+    if "expected_max_toxicity" in m:
+        out.append(f"exp. max {_pct(m['expected_max_toxicity'])}, P(toxic) {_pct(m['toxicity_probability'])}")
+    if "likelihood_diff" in m:
+        out.append(f"mean |dLL| {m['likelihood_diff']:.2f}")
+    if "positive_rate" in m:
+        gaps = ", ".join(f"{k[len('max_group_gap_'):]} {100 * v:.1f}" for k, v in m.items()
+                         if k.startswith("max_group_gap_"))
+        out.append(f"pos {_pct(m['positive_rate'])} / neg {_pct(m['negative_rate'])}; group gap {gaps}")
+    kinds = (r.get("details") or {}).get("kinds")
+    if kinds:
+        out.append(", ".join(f"{k} {_pct(v['toxic_rate'])}" for k, v in kinds.items()))
+    return "; ".join(out)
+
+
+def h6_table(results: list[dict], title: str = "") -> str:
+    """Table 7 layout: the six H6 benchmarks at the leaderboard's shot counts, and their average
+    (only when all six were run)."""
+    rows, values = [], []
+    for task, shots in H6:
+        hit = [r for r in results if r["task"] == task and r["shots"] == shots]
+        if hit:
+            r = hit[0]
+            rows.append([DISPLAY[task], f"{shots}-shot", METRIC_NAMES.get(r["main_metric"], r["main_metric"]),
+                         str(r["n"]), _cell(r)])
+            values.append(r["value"])
+    if len(values) == len(H6) and all(v is not None for v in values):
+        rows.append(["Average", "", "", "", _pct(sum(values) / len(values))])
+    return _grid(["Benchmark", "shots", "metric", "n", title or "score"], rows)
+
+
+def tables(results: list[dict], suites: set[str], title: str = "") -> str:
+    """What ``opengemma eval`` prints: the H6 layout when that suite was asked for, Table 8's for
+    the safety tasks, and Table 6's for every other result."""
+    parts, shown = [], set()
+    if "h6" in suites:
+        parts.append(h6_table(results, title))
+        shown |= {id(r) for r in results if (r["task"], r["shots"]) in H6}
+    safety = [r for r in results if r["task"] in {t for t, _, _ in SAFETY_ROWS} and id(r) not in shown]
+    if safety:
+        parts.append(safety_table(safety, title))
+        shown |= {id(r) for r in safety}
+    rest = [r for r in results if id(r) not in shown]
+    if rest:
+        parts.append(benchmark_table(rest, title))
+    return "\n\n".join(parts)
 
 
 def compare(runs: list[dict]) -> str:

@@ -1,10 +1,14 @@
-"""Runs one task of the benchmark suite on a loaded model and aggregates its metrics (report section
-"Evaluation", Table 6).
+"""Runs one task of the benchmark suites on a loaded model and aggregates its metrics (report section
+"Evaluation", Tables 6-8).
 
 Multiple-choice tasks become :class:`~opengemma.eval.engine.LoglikRequest` lists (the few-shot
-block is the shared prefix, computed once), generation tasks become batched greedy generations
-(or k samples for maj@k / pass@k) scored by the task's own ``score``. The result is a plain dict:
-metrics with standard errors, n, shots and the exact protocol and prompt format.
+block is the shared prefix, computed once) scored as acc/acc_norm or by the task's ``aggregate``
+(TruthfulQA MC2, BBQ bias scores, ...); generation tasks become batched greedy generations (or k
+samples for maj@k / pass@k, or the task's own sampling settings for the toxicity benchmarks) scored
+by the task's ``score`` per document or ``score_all`` over the run (offline classifiers). With
+``chat`` both kinds are formatted as a user turn and a model turn by :func:`opengemma.chat.format_chat`.
+The result is a plain dict: metrics with standard errors, n, shots, the generation settings, the
+scorer, per-group details and the exact protocol and prompt format.
 """
 
 from __future__ import annotations
@@ -38,8 +42,15 @@ def fewshot_prefix(task: ModuleType, doc: dict, pool: list[dict], k: int) -> str
     return desc + "".join(task.shot_text(s) + delim for s in select_shots(task, doc, pool, k))
 
 
-def build_mc_requests(task: ModuleType, docs: list[dict], pool: list[dict], k: int, tokenizer):
-    """(requests, items): the token-level requests and the task's MCItems, one per doc."""
+def build_mc_requests(task: ModuleType, docs: list[dict], pool: list[dict], k: int, tokenizer, chat: bool = False):
+    """(requests, items): the token-level requests and the task's MCItems, one per doc.
+
+    Raw text: ``<bos>`` + few-shot block is the prefix, the item's context and continuation follow.
+    Chat: the few-shot block and the context are one user turn, the continuation (without its
+    leading space) opens the model turn; the prefix is then the longest run of tokens every item
+    starts with, so the shared part is still computed once."""
+    if chat:
+        return _chat_mc_requests(task, docs, pool, k, tokenizer)
     prefix_ids: dict[str, tuple[int, ...]] = {}
     enc: dict[str, tuple[int, ...]] = {}
 
@@ -59,6 +70,29 @@ def build_mc_requests(task: ModuleType, docs: list[dict], pool: list[dict], k: i
     return requests, items
 
 
+def _chat_mc_requests(task, docs, pool, k, tokenizer):
+    from ..chat import format_chat
+
+    rows, items = [], []
+    for doc in docs:
+        text = fewshot_prefix(task, doc, pool, k)
+        item = task.to_mc(doc)
+        items.append(item)
+        rows.append([(tuple(format_chat(tokenizer, [{"role": "user", "content": text + c}]).ids),
+                      tuple(tokenizer.encode_plain(t.lstrip(" ")) or tokenizer.encode_plain(t))) for c, t in item.pairs])
+    first = rows[0][0][0]
+    shared = min(len(ctx) for row in rows for ctx, _ in row)  # every context keeps >= 0 tokens of its own
+    for row in rows:
+        for ctx, _ in row:
+            n = 0
+            while n < shared and ctx[n] == first[n]:
+                n += 1
+            shared = n
+    shared = max(shared, 1)  # at least <bos>
+    requests = [LoglikRequest.make(first[:shared], [(ctx[shared:], cont) for ctx, cont in row]) for row in rows]
+    return requests, items
+
+
 def score_mc(items, results) -> dict:
     """acc / acc_norm per item from the engine's log-likelihoods -> aggregated metrics."""
     acc, acc_norm = [], []
@@ -75,11 +109,16 @@ def score_mc(items, results) -> dict:
 
 
 def run_task(gemma, task: ModuleType, source: DataSource, *, shots: int | None = None, limit: int | None = None,
-             start: int = 0, batch_size: int = 16, samples: int = 1, temperature: float = 0.0, seed: int = 0,
-             chat: bool = False, progress_factory: Callable | None = None) -> dict:
+             start: int = 0, batch_size: int = 16, samples: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, seed: int = 0, chat: bool = False, progress_factory: Callable | None = None,
+             loaded: tuple | None = None) -> dict:
     """Evaluate ``task`` with ``gemma`` (an :class:`opengemma.Gemma`) on docs[start:start+limit];
-    returns the result dict."""
-    docs, pool, _ = task.load(source)
+    returns the result dict. ``samples``/``temperature``/``top_p`` None: the task's own settings
+    (``SAMPLES``, ``TEMPERATURE``, ``TOP_P``), else greedy. ``loaded``: ``task.load(source)``'s
+    result when the caller has it already."""
+    if hasattr(task, "check"):
+        task.check()  # a missing scorer fails now, not after an hour of generation
+    docs, pool, _ = loaded if loaded is not None else task.load(source)
     docs = docs[start:start + limit] if limit else docs[start:]
     if not docs:
         raise OpenGemmaError(f"{task.NAME}: no records")
@@ -87,25 +126,48 @@ def run_task(gemma, task: ModuleType, source: DataSource, *, shots: int | None =
     bar = progress_factory(len(docs), task.NAME) if progress_factory else None
     tick = bar.update if bar else None
     t0 = time.monotonic()
+    extra: dict = {}
     if task.KIND == "mc":
-        requests, items = build_mc_requests(task, docs, pool, k, gemma.tokenizer)
+        chat = chat and getattr(task, "CHAT_FORMAT", True)
+        requests, items = build_mc_requests(task, docs, pool, k, gemma.tokenizer, chat=chat)
         results = Scorer(gemma.model, batch_size=batch_size).score(requests, tick)
-        out = score_mc(items, results)
+        if hasattr(task, "aggregate"):
+            out, details = task.aggregate(docs, items, results)
+        else:
+            out, details = score_mc(items, results), {}
         example = gemma.tokenizer.decode(list(requests[0].prefix[1:]) + list(requests[0].pairs[0][0]))
     else:
-        out, example = _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature, seed,
-                                       chat, tick)
+        settings = sampling_settings(task, samples, temperature, top_p, seed)
+        out, details, example = _run_generation(gemma, task, docs, pool, k, batch_size, settings, chat, tick)
+        samples = settings["samples"]
+        extra["generation"] = settings
     if bar:
         bar.close()
     main = getattr(task, "MAIN", "acc")
+    if "scorer" in details:
+        extra["scorer"] = details["scorer"]
     return {"task": task.NAME, "n": len(docs), "shots": k, "metrics": out, "main_metric": main,
             "value": out.get(main), "stderr": out.get(main + "_stderr"), "protocol": task.PROTOCOL,
-            "prompt_example": example, "samples": samples, "chat": chat,
+            "prompt_example": example, "samples": samples or 1, "chat": chat, **extra, "details": details,
             "wall_s": round(time.monotonic() - t0, 2)}
 
 
-def _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature, seed, chat, tick):
+def sampling_settings(task: ModuleType, samples, temperature, top_p, seed) -> dict:
+    """The generation settings of a run (recorded in its result): explicit values win, then the
+    task's own (the toxicity benchmarks' published settings), then greedy -- or T=0.2 when several
+    samples are asked for (maj@k, pass@k)."""
+    n = samples if samples is not None else getattr(task, "SAMPLES", 1)
+    temp = temperature if temperature is not None else getattr(task, "TEMPERATURE", None)
+    if temp is None:
+        temp = 0.2 if n > 1 else 0.0
+    p = top_p if top_p is not None else getattr(task, "TOP_P", None)
+    return {"samples": n, "temperature": temp, "top_p": p, "max_new_tokens": task.MAX_TOKENS,
+            "stop": list(task.STOP), "seed": seed}
+
+
+def _run_generation(gemma, task, docs, pool, k, batch_size, settings, chat, tick):
     tok = gemma.tokenizer
+    samples = settings["samples"]
     prompts = []
     for doc in docs:
         text = task.prompt(doc, select_shots(task, doc, pool, k))
@@ -116,7 +178,6 @@ def _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature
         else:
             ids = [tok.bos_id] + tok.encode_plain(text)
         prompts.append(ids)
-    temp = temperature if samples == 1 else (temperature or 0.2)
     rep = [p for p in prompts for _ in range(samples)]
     counter = {"n": 0}
 
@@ -127,8 +188,13 @@ def _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature
             counter["n"] %= samples
 
     texts = generate_texts(gemma.model, tok, rep, max_new_tokens=task.MAX_TOKENS, stop=task.STOP,
-                           temperature=temp, seed=seed, batch_size=batch_size, progress=sub_tick)
+                           temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"],
+                           batch_size=batch_size, progress=sub_tick)
     per_doc = [texts[i * samples:(i + 1) * samples] for i in range(len(docs))]
+    example = tok.decode(prompts[0][1:]) if not chat else tok.decode(prompts[0])
+    if hasattr(task, "score_all"):
+        out, details = task.score_all(docs, per_doc)
+        return out, details, example
     values: dict[str, list[float]] = {}
     for doc, outs in zip(docs, per_doc):
         for name, v in _score_doc(task, doc, outs).items():
@@ -137,7 +203,7 @@ def _run_generation(gemma, task, docs, pool, k, batch_size, samples, temperature
     for name, vals in values.items():
         m, se = metrics.mean_stderr(vals)
         out[name], out[name + "_stderr"] = m, se
-    return out, tok.decode(prompts[0][1:]) if not chat else tok.decode(prompts[0])
+    return out, {}, example
 
 
 def _score_doc(task: ModuleType, doc: dict, outs: list[str]) -> dict:

@@ -1,0 +1,119 @@
+"""``opengemma train sft|rm|rl|adapter|export`` and ``opengemma reward`` end to end on a tiny model
+with Gemma's real tokenizer: runs, resume, export (LoRA merged, one embedding), ``--adapter`` at
+generation time, and bad input as one clear line with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_tune_helpers import one_thread  # noqa: F401 (fixture)
+
+from opengemma.checkpoints import native
+from opengemma.cli import main
+from opengemma.config import PRESETS
+from opengemma.testing import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = ["--seq-len", "128", "--micro-batch", "2", "--threads", "1", "--heldout-pct", "20"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    """A tiny Gemma 3 with the real 262k vocabulary, as a native checkpoint directory."""
+    d = tmp_path_factory.mktemp("base") / "tiny"
+    cfg = PRESETS["tiny-gemma3"].replace(vocab_size=tokenizer.vocab_size, name="tiny-chat")
+    native.save(d, cfg, tiny_model(cfg, std=0.02).state_dict(), tokenizer_model_bytes=tokenizer.model_bytes())
+    return d
+
+
+def _jsonl(path, recs, extra=""):
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n" + extra)
+    return path
+
+
+def _conv(i):
+    return {"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                         {"role": "assistant", "content": f"{i} + 1 = {i + 1}. The answer is {i + 1}."}]}
+
+
+def test_sft_lora_export_adapter_generate_and_resume(tmp_path, base, capsys):
+    data = _jsonl(tmp_path / "c.jsonl", [_conv(i) for i in range(20)]
+                  + [{"messages": [{"role": "wizard", "content": "x"}]}], "{broken\n")
+    run = tmp_path / "run"
+    args = ["train", "sft", "--model", str(base), "--data", str(data), "--out", str(run), "--lora-rank", "4",
+            "--max-steps", "2", "--filters", "selfid,dedup", "--lr", "1e-3", "--save-every", "1", *FAST]
+    assert main(args) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["kind"] == "lora" and info["lora"]["rank"] == 4
+    rep = json.loads((run / "data_report.json").read_text())
+    assert rep["read_skips"]["by_reason"] == {"unknown_role": 1, "bad_json": 1}
+    assert rep["train_examples"] + rep["heldout_examples"] == 20
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2] and "val/loss" in recs[-1]
+    # resume continues the run to step 3; a plain rerun refuses to overwrite it
+    assert main(args) == 1 and "--resume" in capsys.readouterr().err
+    assert main([*args[:args.index("--max-steps")], "--max-steps", "3", *args[args.index("--max-steps") + 2:],
+                 "--resume"]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    # export: a plain model directory with the adapter merged, one embedding tensor
+    assert main(["train", "export", str(run), str(tmp_path / "exp")]) == 0
+    cfg, state = native.load(tmp_path / "exp")
+    assert [k for k in state if "embed" in k] == ["embed.weight"] and not any("lora" in k for k in state)
+    assert main(["train", "adapter", str(run), str(tmp_path / "ad")]) == 0
+    from opengemma.train import lora
+
+    merged = lora.load_adapter(tiny_model(cfg), tmp_path / "ad")  # any base values: compare deltas
+    assert not lora.lora_modules(merged)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(base), "--adapter", str(tmp_path / "ad"), "hi", "-n", "3"]) == 0
+    assert main(["generate", "--model", str(base), "--adapter", str(tmp_path), "hi", "-n", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "not a LoRA adapter" in err and "Traceback" not in err
+
+
+def test_rm_export_and_reward_scoring(tmp_path, base, capsys):
+    pairs = [{"prompt": [{"role": "user", "content": f"Is {i} even?"}],
+              "chosen": [{"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
+              "rejected": [{"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]} for i in range(16)]
+    pairs.append({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"})
+    data = _jsonl(tmp_path / "p.jsonl", pairs)
+    run = tmp_path / "rm"
+    assert main(["train", "rm", "--model", str(base), "--data", str(data), "--out", str(run), "--max-steps", "2",
+                 "--center", "0.01", *FAST]) == 0
+    rep = json.loads((run / "rm_report.json").read_text())
+    assert rep["skips"]["by_reason"] == {"identical_sides": 1} and "longer_wins" in rep["baselines"]
+    assert main(["train", "export", str(run), str(tmp_path / "rmdir")]) == 0
+    convs = _jsonl(tmp_path / "c.jsonl", [_conv(1), _conv(2)])
+    capsys.readouterr()
+    assert main(["reward", "--model", str(tmp_path / "rmdir"), "--data", str(convs)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["line"] for x in lines] == [1, 2] and all(isinstance(x["reward"], float) for x in lines)
+    assert main(["reward", "--model", str(base), "--data", str(convs)]) == 1
+    assert "not a reward model" in capsys.readouterr().err
+
+
+def test_rl_gsm8k_runs_and_bad_inputs_fail_cleanly(tmp_path, base, capsys):
+    gsm = _jsonl(tmp_path / "g.jsonl", [{"question": f"What is {i} + 2?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+                                        for i in range(12)])
+    run = tmp_path / "rl"
+    assert main(["train", "rl", "--model", str(base), "--data", str(gsm), "--out", str(run), "--reward", "gsm8k",
+                 "--algo", "grpo", "--max-steps", "1", "--group-size", "2", "--prompts-per-step", "2",
+                 "--max-new-tokens", "4", "--eval-prompts", "2", *FAST]) == 0
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"reward", "kl", "logprob_gap"} <= set(rec) and (run / "rl.png").is_file()
+    capsys.readouterr()
+    bad = [
+        ["train", "sft", "--model", str(base), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")],
+        ["train", "sft", "--model", str(base), "--data", str(_jsonl(tmp_path / "b.jsonl", [{"messages": []}])),
+         "--out", str(tmp_path / "y")],
+        ["train", "rl", "--model", str(base), "--data", str(gsm), "--out", str(tmp_path / "z"), "--reward", "nope"],
+        ["train", "rl", "--model", str(base), "--data", str(_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}])),
+         "--out", str(tmp_path / "w"), "--reward", "gsm8k"],
+    ]
+    for argv in bad:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("opengemma: error:"), err
+    assert not torch.is_inference_mode_enabled()
