@@ -118,7 +118,7 @@ def test_packed_rows_equal_unpacked_training():
     for ex in examples:
         ids = torch.tensor(ex.ids)[None]
         out, g = _grads(model, ids[:, :-1], ids[:, 1:], torch.tensor(ex.mask[1:], dtype=torch.bool)[None])
-        total += float(out.loss_sum)
+        total += float(out.loss_sum.detach())
         count += int(out.count)
         gsum = g if gsum is None else {k: gsum[k] + g[k] for k in g}
     assert int(packed.count) == count
