@@ -114,6 +114,8 @@ def run_data(args) -> int:
     if args.data_command == "decontam":
         from .decontam import Index
 
+        if not Path(args.file).expanduser().is_file():  # before the index, which takes seconds to build
+            raise OpenGemmaError(f"{args.file}: no such file")
         index = Index.build(args.root, n=args.n)
         for t in index.tasks:
             if t.missing:
