@@ -57,10 +57,24 @@ def test_sft_lora_export_adapter_generate_and_resume(tmp_path, base, capsys):
     assert main([*args[:args.index("--max-steps")], "--max-steps", "3", *args[args.index("--max-steps") + 2:],
                  "--resume"]) == 0
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
-    # export: a plain model directory with the adapter merged, one embedding tensor
+    # a LoRA checkpoint holds the adapters (and their optimizer state), not the frozen base
+    ckpt = run / "checkpoints" / "step_3"
+    assert json.loads((ckpt / "meta.json").read_text())["weights"] == "trainable"
+    base_bytes = sum(f.stat().st_size for f in base.rglob("*.safetensors"))
+    assert sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) < base_bytes / 10
+    # export: a plain model directory with the adapter merged, one embedding tensor, the base's own
     assert main(["train", "export", str(run), str(tmp_path / "exp")]) == 0
     cfg, state = native.load(tmp_path / "exp")
     assert [k for k in state if "embed" in k] == ["embed.weight"] and not any("lora" in k for k in state)
+    assert torch.equal(state["embed.weight"], native.load(base)[1]["embed.weight"])
+    # a base whose weights changed since training is refused, not silently merged into
+    info["base_fingerprint"] += 1.0
+    (run / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["train", "export", str(run), str(tmp_path / "exp2")]) == 1
+    assert "has changed" in capsys.readouterr().err
+    info["base_fingerprint"] -= 1.0
+    (run / "run.json").write_text(json.dumps(info))
     assert main(["train", "adapter", str(run), str(tmp_path / "ad")]) == 0
     from opengemma.train import lora
 

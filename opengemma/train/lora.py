@@ -354,15 +354,57 @@ def export_run(run_dir, run: dict, checkpoint, dst, *, hf: bool = False, dtype=t
     return Path(dst)
 
 
+def fingerprint(model: nn.Module) -> float:
+    """A float64 checksum of a model's weights (position-weighted sums of every tensor): a run records
+    its base's, so that an export that reloads the base notices another one."""
+    total = 0.0
+    for i, (_, p) in enumerate(sorted(model.state_dict().items())):
+        if p.is_floating_point():
+            total += (i + 1) * float(torch.sum(p.detach(), dtype=torch.float64))
+    return total
+
+
+def load_base(model: nn.Module, run_dir, run: dict, checkpoint) -> None:
+    """Fill ``model`` (not yet adapted) with the run's frozen base, for a checkpoint that holds only
+    the trainable weights: the checkpoint or preset named in run.json, checked by its fingerprint."""
+    from .pretrain import build
+    from .state import Checkpointer
+
+    origin = run.get("model") or {}
+    spec = origin.get("path") or origin.get("preset")
+    if not spec:
+        raise OpenGemmaError(f"{run_dir}: run.json does not name the base model the adapters were trained on")
+    seed = Checkpointer(Path(checkpoint).parent).read_meta(Path(checkpoint)).get("train", {}).get("seed", 0)
+    tok = None
+    if "preset" in origin and (Path(run_dir) / run.get("tokenizer", "tokenizer.model")).is_file():
+        from ..tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(Path(run_dir) / run.get("tokenizer", "tokenizer.model"))
+    try:
+        base, _, _ = build(spec, tok, seed, torch.device("cpu"))
+    except OpenGemmaError as e:
+        raise OpenGemmaError(f"{run_dir}: its checkpoints hold only the trained weights, and the base model "
+                             f"could not be loaded ({e})") from None
+    if base.config.to_dict() != model.config.to_dict():
+        raise OpenGemmaError(f"{run_dir}: the base model {spec} is not the one this run was trained on (config differs)")
+    want = run.get("base_fingerprint")
+    if want is not None and abs(fingerprint(base) - want) > 1e-7 * max(1.0, abs(want)):
+        raise OpenGemmaError(f"{run_dir}: the base model {spec} has changed since this run was trained "
+                             "(its weights' fingerprint differs)")
+    model.load_state_dict(base.state_dict())
+
+
 def rebuild(run_dir, run: dict, checkpoint) -> nn.Module:
     """The run's model with its LoRA adapters, weights from ``checkpoint`` (one process, CPU)."""
     from ..config import GemmaConfig
     from ..model import GemmaModel
-    from .state import load_model_weights
+    from .state import holds_all_weights, load_model_weights
 
     if "lora" not in run:
         raise OpenGemmaError(f"{run_dir}: run.json has no LoRA settings")
     model = GemmaModel(GemmaConfig.from_dict(run["model_config"]))
+    if not holds_all_weights(Path(checkpoint)):
+        load_base(model, run_dir, run, checkpoint)
     apply_lora(model, LoRAConfig.from_dict(run["lora"]))
     load_model_weights(Path(checkpoint), model)
     return model.eval()

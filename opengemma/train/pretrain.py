@@ -69,7 +69,7 @@ def build(model_spec: str, tokenizer, seed: int, device):
     if tok.vocab_size != g.config.vocab_size:
         raise OpenGemmaError(f"--tokenizer has {tok.vocab_size} pieces but {model_spec} has a vocabulary of "
                              f"{g.config.vocab_size}")
-    return g.model, tok, {"path": str(Path(model_spec).resolve())}
+    return g.model, tok, {"path": str(Path(src.path).resolve())}
 
 
 def rows_of(data: Path, tok, seq_len: int, seed: int, val_rows: int):

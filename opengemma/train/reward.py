@@ -288,12 +288,14 @@ def rebuild(run_dir, run: dict, checkpoint) -> RewardModel:
     """A run's reward model (adapters if any) with the weights of ``checkpoint``, one process, CPU."""
     from ..config import GemmaConfig
     from ..model import GemmaModel
-    from .lora import LoRAConfig, apply_lora
-    from .state import load_model_weights
+    from .lora import LoRAConfig, apply_lora, load_base
+    from .state import holds_all_weights, load_model_weights
 
     lm = GemmaModel(GemmaConfig.from_dict(run["model_config"]))
     rm = RewardModel(lm)
     if "lora" in run:
+        if not holds_all_weights(Path(checkpoint)):
+            load_base(lm, run_dir, run, checkpoint)
         apply_lora(lm, LoRAConfig.from_dict(run["lora"]))
     load_model_weights(Path(checkpoint), rm)
     return rm.eval()

@@ -12,6 +12,11 @@ A checkpoint is the directory ``RUN/checkpoints/step_N/`` holding
 * ``meta.json`` (written last): the step, the batch source's position (identical on every rank:
   each rank reads the one global stream), the training config, the model config and the mesh.
 
+Only trainable weights are saved (``ignore_frozen_params``): a full run saves every weight, a LoRA
+run only its adapters (and a reward head), a few MB instead of the frozen base, which ``--resume``
+and export take from the base model again (``meta.json`` says ``"weights": "trainable"``; the run
+records a fingerprint of the base so that export notices a different one).
+
 Atomicity: every rank writes into ``.step_N.partial/``; after a barrier, rank 0 writes meta.json
 and renames the directory to ``step_N`` (one ``rename``: a kill at any moment leaves either the
 complete checkpoint or a ``.partial`` directory, which is ignored and removed by the next run).
@@ -46,6 +51,10 @@ from ..errors import OpenGemmaError
 # failures themselves are RuntimeError (a torn shard), KeyError and ValueError (another model), ...
 _LOAD_ERRORS = (Exception, CheckpointException)
 CHECKPOINTS = "checkpoints"
+# Frozen parameters (a LoRA run's base) are not part of a checkpoint; loading fills exactly the
+# trainable ones, which get_state_dict lists with the same option, so strict=False hides nothing.
+_SAVE = StateDictOptions(ignore_frozen_params=True)
+_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -124,9 +133,10 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE)
         state = {"model": model_sd, "optim": optim_sd}
         state.update({f"extra/{k}": v for k, v in (extra_state or {}).items()})
+        weights = "trainable" if any(not p.requires_grad for p in model.parameters()) else "all"
         with _single_process_ok():
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         rng = {"cpu": torch.get_rng_state()}
@@ -137,7 +147,7 @@ class Checkpointer:
         _barrier()
         fault("kill_in_save", step)
         if _rank() == 0:
-            atomic_write_bytes(tmp / META, (json.dumps({**meta, "step": step}, indent=1) + "\n").encode())
+            atomic_write_bytes(tmp / META, (json.dumps({**meta, "step": step, "weights": weights}, indent=1) + "\n").encode())
             if final.exists():  # a re-save of the same step (e.g. the end of a resumed run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -160,13 +170,14 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, extra_state: dict | None = None, *, seed: int = 0) -> dict:
         """Restore model, optimizer, extra state and this rank's RNG from ``path``; returns its meta."""
         meta = self.read_meta(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE)
         state = {"model": model_sd, "optim": optim_sd}
         state.update({f"extra/{k}": v for k, v in (extra_state or {}).items()})
         try:
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=_LOAD)
         except _LOAD_ERRORS as e:
             raise OpenGemmaError(f"{path}: corrupt checkpoint or one that does not match this model "
                                  f"({_one_line(e)})") from None
@@ -181,17 +192,24 @@ class Checkpointer:
         return meta
 
 
+def holds_all_weights(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds every weight (False: only the trainable ones, see above)."""
+    return Checkpointer(Path(path).parent).read_meta(Path(path)).get("weights", "all") == "all"
+
+
 def load_model_weights(path: Path, model) -> None:
-    """Only the model weights of checkpoint ``path`` into a plain (unsharded, one-process) model:
-    for export and sampling outside the run."""
-    sd = get_model_state_dict(model)
+    """The model weights of checkpoint ``path`` into a plain (unsharded, one-process) model: for
+    export and sampling outside the run. A checkpoint of trainable weights only fills the
+    parameters that require a gradient; the caller has loaded the frozen base before."""
+    full = holds_all_weights(path)
+    sd = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=not full))
     try:
         with _single_process_ok():
             dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except _LOAD_ERRORS as e:
         raise OpenGemmaError(f"{path}: corrupt checkpoint or one that does not match this model "
                              f"({_one_line(e)})") from None
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, strict=full)
 
 
 def full_model_state(model) -> dict[str, torch.Tensor]:

@@ -33,8 +33,9 @@ _frac = float_range(0.0, 1.0)
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, seq_len: int, micro: int) -> None:
-    p.add_argument("--model", "-m", required=True, metavar="CHECKPOINT",
-                   help="model to start from: a checkpoint directory or file (or a preset, random init)")
+    p.add_argument("--model", "-m", default=None, metavar="CHECKPOINT",
+                   help="model to start from: a checkpoint directory or file, or a preset (random init); "
+                        "default: the embedded Gemma 3 270M")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training data (JSONL, .gz accepted)")
     p.add_argument("--out", "-o", required=True, metavar="RUN", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last complete checkpoint")
@@ -183,7 +184,7 @@ def _start(args, kind: str, extra: dict, wrap=None):
 
     from . import parallel
     from .cli import RUN_JSON, read_run_json, write_run_json
-    from .lora import adapter_parameters, apply_lora
+    from .lora import adapter_parameters, apply_lora, fingerprint
     from .pretrain import build
     from .state import Checkpointer
 
@@ -203,6 +204,7 @@ def _start(args, kind: str, extra: dict, wrap=None):
     model = wrap(lm) if wrap is not None else lm
     lcfg = _lora_config(args)
     params = None
+    base_fp = fingerprint(lm) if lcfg is not None else None  # checkpoints will hold the adapters only
     if lcfg is not None:
         apply_lora(lm, lcfg, seed=args.seed)
         params = adapter_parameters(lm) + ([p for n, p in model.named_parameters() if n.startswith("head.")]
@@ -212,9 +214,13 @@ def _start(args, kind: str, extra: dict, wrap=None):
             "argv": sys.argv[1:], **extra}
     if lcfg is not None:
         info["lora"] = lcfg.to_dict()
+        info["base_fingerprint"] = base_fp
     if args.resume:
         saved = read_run_json(run_dir)
         diffs = [k for k in ("task", "model_config", "lora") if saved.get(k) != info.get(k)]
+        was = saved.get("base_fingerprint")  # adapter-only checkpoints: the base must be the same weights
+        if was is not None and base_fp is not None and abs(was - base_fp) > 1e-7 * max(1.0, abs(was)):
+            diffs.append("base model weights")
         if diffs:
             raise OpenGemmaError(f"{run_dir} was another run (its {', '.join(diffs)} differ): resume with the same "
                                  "--model and adapter settings, or choose a new output directory")
