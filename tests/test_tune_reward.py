@@ -180,3 +180,24 @@ def test_rm_reward_refuses_another_vocabulary(tmp_path, tokenizer):
     reward.save(tmp_path / "rm", reward.RewardModel(tiny_model(cfg)), tokenizer.model_bytes())
     with pytest.raises(OpenGemmaError, match="vocabulary"):
         RMReward(tmp_path / "rm", PRESETS["tiny-gemma3"], ChatByteTokenizer())
+
+
+def test_reward_model_as_side_by_side_judge(tmp_path, tokenizer):
+    """`eval --sxs --judge RM`: the higher reward wins in both orders; rewards closer than the tie
+    margin tie; the records carry (test, baseline) rewards equal to `opengemma reward`'s."""
+    from opengemma.config import PRESETS
+    from opengemma.eval import sxs
+
+    cfg = PRESETS["tiny-gemma3"].replace(vocab_size=tokenizer.vocab_size, name="tiny-rm")
+    reward.save(tmp_path / "rm", reward.RewardModel(tiny_model(cfg), generator=torch.Generator().manual_seed(1)),
+                tokenizer.model_bytes())
+    judge = sxs.RewardJudge(tmp_path / "rm")
+    prompts, test, base = ["hi", "what is 2+2?", "tell me a joke"], ["hello", "4", "no"], ["go away", "5", "a pun"]
+    res = sxs.side_by_side(prompts, test, base, judge, seed=3)
+    for p, t, b, rec in zip(prompts, test, base, res["records"], strict=True):
+        rt, rb = judge.rewards(p, [t, b])
+        assert rec["rewards"] == pytest.approx([rt, rb], abs=1e-6)
+        assert rec["outcome"] == ("win" if rt > rb else "loss")  # an order-blind judge never ties by position
+    assert res["win"] + res["loss"] == 3
+    wide = sxs.RewardJudge(tmp_path / "rm", tie_margin=1e9)
+    assert sxs.side_by_side(prompts, test, base, wide)["tie"] == 3

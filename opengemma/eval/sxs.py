@@ -8,7 +8,9 @@ loss, the win rate with ties split evenly, and its 95% confidence interval
 (:func:`opengemma.eval.metrics.win_rate`), as Table 5 lays them out.
 
 The judge is any callable ``prompt -> text``: an opengemma model (:class:`ModelJudge`) or any
-OpenAI-compatible chat endpoint (:class:`EndpointJudge`, standard library HTTP only).
+OpenAI-compatible chat endpoint (:class:`EndpointJudge`, standard library HTTP only). A trained
+Bradley-Terry reward model judges too (:class:`RewardJudge`): it scores each response as a
+conversation and prefers the higher reward; being order-blind, it has no position bias to swap out.
 """
 
 from __future__ import annotations
@@ -93,6 +95,35 @@ class EndpointJudge:
             raise OpenGemmaError(f"judge endpoint {self.url}: {type(e).__name__}: {e}") from None
 
 
+class RewardJudge:
+    """A reward model (``opengemma train rm`` + ``train export``) as the judge: the response with the
+    higher reward wins; rewards closer than ``tie_margin`` are a tie. ``compare`` replaces the rubric."""
+
+    def __init__(self, path, *, dtype: str = "float32", device: str | None = None, tie_margin: float = 0.0):
+        from ..train.reward import load
+
+        self.model, self.tokenizer = load(path, dtype=dtype, device=device)
+        self.tie_margin = float(tie_margin)
+
+    def rewards(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        from ..train.reward import score
+
+        return score(self.model, self.tokenizer, [[{"role": "user", "content": prompt}, {"role": "model", "content": r}]
+                                                  for r in responses])
+
+    def compare(self, prompt: str, a: str, b: str) -> tuple[str, list[float]]:
+        """(verdict 'A' / 'B' / 'tie', [reward of a, reward of b])."""
+        ra, rb = self.rewards(prompt, [a, b])
+        verdict = "tie" if abs(ra - rb) <= self.tie_margin else ("A" if ra > rb else "B")
+        return verdict, [ra, rb]
+
+
+def _judge_pair(judge, prompt: str, a: str, b: str) -> tuple[str, list[float] | None]:
+    if hasattr(judge, "compare"):
+        return judge.compare(prompt, a, b)
+    return parse_verdict(judge(RUBRIC.format(prompt=prompt, a=a, b=b))), None
+
+
 def respond(gemma, prompts: Sequence[str], max_new_tokens: int = 256) -> list[str]:
     return [gemma.chat([{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
 
@@ -106,11 +137,14 @@ def side_by_side(prompts: Sequence[str], test: Sequence[str], baseline: Sequence
     records = []
     for p, t, b in zip(prompts, test, baseline, strict=True):
         test_first = rng.random() < 0.5
-        first = parse_verdict(judge(RUBRIC.format(prompt=p, a=t if test_first else b, b=b if test_first else t)))
-        second = parse_verdict(judge(RUBRIC.format(prompt=p, a=b if test_first else t, b=t if test_first else b)))
+        first, r1 = _judge_pair(judge, p, t if test_first else b, b if test_first else t)
+        second, _ = _judge_pair(judge, p, b if test_first else t, t if test_first else b)
         outcome = combine(first, second, test_first)
         counts[outcome] += 1
-        records.append({"prompt": p, "test_first": test_first, "verdicts": [first, second], "outcome": outcome})
+        rec = {"prompt": p, "test_first": test_first, "verdicts": [first, second], "outcome": outcome}
+        if r1 is not None:  # rewards of (test, baseline)
+            rec["rewards"] = r1 if test_first else r1[::-1]
+        records.append(rec)
         if progress:
             progress(1)
     out = metrics.win_rate(counts["win"], counts["tie"], counts["loss"])
