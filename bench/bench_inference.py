@@ -6,8 +6,13 @@ variants of ``inference_engines.VARIANTS``, each ``opengemma.load(gguf, device="
 own options -- ``opengemma`` (fp32; the reference for prompt ids and greedy tokens), ``-bf16``,
 ``-int8``, ``-int4`` (weight-only, fp32 activations), ``-int4-bf16``, ``-int4-compile`` and
 ``-int4-bf16-compile`` (the decode step through ``torch.compile``, its cache rounded up to a power
-of two as ``generate`` does; skipped when ``opengemma.load`` has no ``compile``); ``transformers`` (the GGUF dequantized to
-fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped when not installed).
+of two as ``generate`` does; skipped when ``opengemma.load`` has no ``compile``), ``-mixed``,
+``-mixed-bf16`` and ``-mixed-bf16-compile`` (int8's weights, the 8-bit head read through a 4-bit
+screen when decoding, ``opengemma.quant.head``); ``transformers`` (the GGUF dequantized to
+fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped when not installed);
+the speculative engines ``<variant>-spec`` of ``inference_engines.SPECULATIVE`` (``opengemma``,
+``-bf16``, ``-int8``, ``-mixed``): the variant decoding with lossless speculative decoding,
+prompt-lookup drafts, at most ``--speculate`` K per forward (``opengemma generate --speculate K``).
 
 * **load** -- in-process wall time of the load call (``opengemma.load()``; transformers' model *and*
   tokenizer from the GGUF; ``llama_cpp.Llama(...)``); the engine's import is timed separately.
@@ -25,7 +30,13 @@ fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped whe
   step argmax, host sync of the id (as a streaming generator does), one forward
   (``generate.decode_step``; ``forward`` with a ``DynamicCache`` and ``cache_position``;
   ``eval([id])``). Only the loop is timed; tokens/s = tokens / loop time, median of
-  ``--decode-reps`` after an 8-step warm-up.
+  ``--decode-reps`` after an 8-step warm-up. A speculative engine times each forward
+  (``SpeculativeDecoder.step``: drafting, one forward over the drafts, acceptance, rollback) and
+  spreads it over the tokens it gave; it also reports the drafts accepted and tokens per forward
+  (over the timed repetitions). Its greedy tokens must agree with fp32's (lossless), up to
+  near-ties. Note the prompt (the paragraphs below, cycled) repeats itself, which prompt lookup
+  exploits: its speed-up there is an upper end, not what novel text gets. Its perplexity and
+  cold start are its variant's (the same model and load), copied, not measured again.
 * **perplexity** -- once per engine after the timed repetitions, untimed: the first
   ``--ppl-tokens`` (1024, BOS included) tokens of ``--ppl-text`` (default: the Gemma technical
   report in ``../shared/reference/``, a fixed text the model has not seen repeated; else the
@@ -70,7 +81,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from machine import CpuMeter, git_state, machine_info, wait_idle  # noqa: E402 (stdlib only)
-from inference_engines import (ENGINES, REFERENCE, VARIANTS, Worker,  # noqa: E402 (stdlib only)
+from inference_engines import (ENGINES, REFERENCE, SPECULATIVE, VARIANTS, Worker,  # noqa: E402 (stdlib only)
                                engine_available, run_cold_start_once, summarize_cold_starts)
 from inference_report import (RATIO_NOTE, contended, make_details, make_table,  # noqa: E402 (stdlib only)
                               targets, write_record)
@@ -96,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench_inference.py",
         description="Benchmark CPU inference of the embedded Gemma 3 270M (Q4_K_M GGUF): opengemma's "
-                    "variants (fp32, bf16, int8, int4, int4+bf16, int4 (+bf16) + torch.compile) against Hugging "
+                    "variants (fp32, bf16, int8, int4, int4+bf16, int4 (+bf16) + torch.compile, mixed (+bf16, + torch.compile)) against Hugging "
                     "Face transformers loading the same GGUF (fp32) and llama.cpp (llama-cpp-python) "
                     "when it is installed. Batch 1, greedy. Each engine runs in its own worker "
                     "process; the engines are timed in alternation, repetition by repetition; the "
@@ -131,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "all with device='cpu'). opengemma (fp32) is the reference of greedy-token "
                         "agreement; its prompt ids (or, without it, the first opengemma variant's) "
                         "are every engine's input")
+    p.add_argument("--decode-prompts", choices=["bench", "chat"], default="bench",
+                   help="what decode continues: the prefill prompt (bench), or each of the chat prompt set "
+                        "(inference_engines.CHAT_PROMPTS, four user turns in the chat format) one after the "
+                        "other, --decode-tokens each (chat)")
+    p.add_argument("--speculate", type=int, default=8, metavar="K",
+                   help="most drafted tokens per forward of the speculative engines (*-spec)")
     p.add_argument("--quick", action="store_true",
                    help="fast smoke run: shorter prompt and decode, fewer repetitions (figures are "
                         "noisier and not comparable to a full run)")
@@ -153,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (full, fast) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, fast if quick else full)
-    for name in ("threads", "prompt_tokens", "decode_tokens", "prefill_reps", "decode_reps"):
+    for name in ("threads", "prompt_tokens", "decode_tokens", "prefill_reps", "decode_reps", "speculate"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.cold_runs < 0:
@@ -189,9 +206,14 @@ def maybe_wait_idle(args: argparse.Namespace, t0: float, workers: list | tuple =
 def summarize(res: dict, P: int, D: int) -> dict:
     """Medians and rates from one worker's raw timings."""
     pre = sorted(res["prefill_s"])
-    dec_tps = sorted(D / sum(r) for r in res["decode_step_s"])
+    dec_tps = sorted(len(r) / sum(r) for r in res["decode_step_s"])  # D tokens per decode prompt
     steps = sorted(t for r in res["decode_step_s"] for t in r)
-    return {
+    spec = res.get("spec_stats")  # speculative engines: per timed repetition
+    if spec:
+        drafted, forwards = sum(x["drafted"] for x in spec), sum(x["forwards"] for x in spec)
+        spec = {"acceptance": sum(x["accepted"] for x in spec) / drafted if drafted else None,
+                "tokens_per_forward": sum(x["tokens"] for x in spec) / forwards if forwards else None}
+    return {**(spec or {}),
         "import_s": res["import_s"],
         "load_s": res["load_s"],
         "warmup_decode_s": res.get("warmup_decode_s"),
@@ -270,10 +292,11 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
                 workers.pop(engine).close()
                 continue
             if engine in VARIANTS and not ref:
-                ref = {"prompt_ids": ready["prompt_ids"], "ppl_ids": ready.get("ppl_ids")}
+                ref = {"prompt_ids": ready["prompt_ids"], "ppl_ids": ready.get("ppl_ids"),
+                       "chat_ids": ready.get("chat_ids")}
                 report["id_reference"] = engine
             elif ref:  # it was fed the reference's ids: the JSON keeps them once
-                ready.pop("prompt_ids", None), ready.pop("ppl_ids", None)
+                ready.pop("prompt_ids", None), ready.pop("ppl_ids", None), ready.pop("chat_ids", None)
             results[engine] = {"engine": engine, **ready, "prefill_s": [], "decode_step_s": []}
             log(f"{engine}: loaded in {ready['load_s']:.2f} s; warming up", t0)
             for op, kw in (("prefill", {}), ("decode", {"steps": min(8, D)})):
@@ -303,6 +326,8 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
                     continue
                 res = results[engine]
                 res["decode_step_s"].append(r["step_s"])
+                if "spec" in r:
+                    res.setdefault("spec_stats", []).append(r["spec"])
                 if "decode_ids" not in res:
                     res["decode_ids"] = r["ids"]
                 elif r["ids"] != res["decode_ids"]:
@@ -326,9 +351,13 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
             results[engine]["other_load_cores"] = cpu / wall if wall > 0 else None
             results[engine]["summary"] = summarize(results[engine], P, D)
             s = results[engine]["summary"]
-            log(f"{engine}: prefill {s['prefill_tps']:.0f} tok/s, decode {s['decode_tps']:.1f} tok/s, "
-                f"peak RSS {s['peak_rss_mib']:.0f} MiB", t0)
-        ppl_engines = list(workers) if settings["ppl_tokens"] else []
+            wbytes = results[engine]["info"].get("decode_weight_bytes")
+            if wbytes:  # weights read per decoded token x tokens/s: the effective bandwidth
+                s["decode_weight_mb"], s["decode_gbps"] = wbytes / 1e6, wbytes * s["decode_tps"] / 1e9
+            log(f"{engine}: prefill {s['prefill_tps']:.0f} tok/s, decode {s['decode_tps']:.1f} tok/s"
+                + (f" ({s['decode_weight_mb']:.0f} MB of weights per token, {s['decode_gbps']:.1f} GB/s)" if wbytes else "")
+                + f", peak RSS {s['peak_rss_mib']:.0f} MiB", t0)
+        ppl_engines = [e for e in workers if e not in SPECULATIVE] if settings["ppl_tokens"] else []
         if ppl_engines:
             log(f"perplexity on {settings['ppl_tokens']} tokens, one engine at a time (untimed) ...", t0)
         for engine in ppl_engines:
@@ -348,11 +377,15 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
         for w in workers.values():
             w.close()
 
+    for engine in (e for e in SPECULATIVE if e in results):  # a speculative engine's model is its variant's
+        base = results.get(SPECULATIVE[engine], {})
+        if "summary" in results.get(engine, {}) and "ppl" in base:
+            results[engine]["summary"]["ppl"] = base["ppl"]
     if not args.cold_runs:
         return
     # Rounds over the engines (the first going first rotates), as for the timed measurements: a
     # burst of other work on the machine hits every engine alike instead of one engine's runs.
-    engines = [e for e in args.engines if "summary" in results[e]]
+    engines = [e for e in args.engines if "summary" in results[e] and e not in SPECULATIVE]
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     other: dict[str, list[float]] = {e: [] for e in engines}
     broken: dict[str, str] = {}
@@ -381,6 +414,8 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
         res["cold_start"] = cold
         res["summary"].update(cold_s=cold["s"], cold_peak_rss_mib=cold["peak_rss_mib"],
                               cold_other_load_cores=cold["other_load_cores"])
+        for spec in (e for e, v in SPECULATIVE.items() if v == engine and "summary" in results.get(e, {})):
+            results[spec]["summary"].update(cold_s=cold["s"], cold_peak_rss_mib=cold["peak_rss_mib"])
         log(f"{engine}: cold start {cold['s']:.2f} s (runs {', '.join(f'{x:.2f}' for x in cold['runs_s'])})", t0)
 
 
@@ -394,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl_path = Path(args.ppl_text)
     ppl_text = ppl_path.read_text(errors="replace")[:40000] if ppl_path.is_file() else None
     settings = {"gguf": gguf, "threads": args.threads, "prompt_tokens": P, "decode_tokens": D,
+                "speculate": args.speculate, "decode_prompts": args.decode_prompts,
                 "ppl_tokens": args.ppl_tokens, "ppl_text": ppl_text,
                 "ppl_source": str(ppl_path) if ppl_text else "the prompt's paragraphs"}
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -403,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {**{k: v for k, v in settings.items() if k != "ppl_text"}, "prefill_reps": args.prefill_reps, "decode_reps": args.decode_reps,
                            "cold_runs": args.cold_runs, "quick": args.quick},
               "variants": {e: VARIANTS[e] for e in args.engines if e in VARIANTS},
+              "speculative": {e: SPECULATIVE[e] for e in args.engines if e in SPECULATIVE},
               "engines": args.engines, "id_reference": None, "results": {}, "warnings": []}
     measure_engines(args, settings, report, t0)
     report["total_s"] = time.perf_counter() - t0
@@ -410,12 +447,15 @@ def main(argv: list[str] | None = None) -> int:
 
     m = report["machine"]
     print(f"\n{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']}, threads {args.threads}; "
-          f"batch 1, prompt {P} tokens, decode {D} tokens (greedy), perplexity on {args.ppl_tokens} tokens of {settings['ppl_source']}\n")
+          f"batch 1, prompt {P} tokens, decode {D} tokens (greedy"
+          f"{', after each of the chat prompt set' if args.decode_prompts == 'chat' else ''}), "
+          f"perplexity on {args.ppl_tokens} tokens of {settings['ppl_source']}\n")
     goals = report["targets"] = targets(report)
     text = "\n".join([make_table(report)] + (["", make_details(report)] if any(
         "summary" in r for r in report["results"].values()) else [])
                      + (["", "Targets (decode ≥ 1.0× and prefill ≥ 1.5× llama.cpp, cold start ≤ 2 s, "
-                         "cold-start peak RSS ≤ 2× llama.cpp's):", ""] + goals if goals else []))
+                         "cold-start peak RSS ≤ 2× llama.cpp's; speculative engines: decode ≥ 1.5×):", ""]
+                        + goals if goals else []))
     print(text)
     print(f"\n{RATIO_NOTE} Total {report['total_s']:.0f} s"
           + (f", of which {report['waited_idle_s']:.0f} s waiting for an idle machine." if report["waited_idle_s"] else "."))

@@ -13,7 +13,8 @@ pays for torch.
 
 Engines: the opengemma variants of :data:`VARIANTS` (one class, parameterised by dtype,
 quantization and compilation; ``opengemma`` in fp32 is the reference of prompt ids and greedy
-tokens), Hugging Face transformers (the GGUF dequantized to fp32) and llama.cpp through
+tokens), the speculative engines of :data:`SPECULATIVE` (a variant decoding with prompt-lookup
+speculation, ``opengemma.speculative``), Hugging Face transformers (the GGUF dequantized to fp32) and llama.cpp through
 llama-cpp-python (the Q4_K_M file as it is).
 """
 
@@ -36,8 +37,16 @@ VARIANTS = {
     "opengemma-int4-bf16": {"dtype": "bfloat16", "quantize": "int4"},
     "opengemma-int4-compile": {"dtype": "float32", "quantize": "int4", "compile": True},
     "opengemma-int4-bf16-compile": {"dtype": "bfloat16", "quantize": "int4", "compile": True},
+    "opengemma-mixed": {"dtype": "float32", "quantize": "mixed"},
+    "opengemma-mixed-bf16": {"dtype": "bfloat16", "quantize": "mixed"},
+    "opengemma-mixed-bf16-compile": {"dtype": "bfloat16", "quantize": "mixed", "compile": True},
 }
-ENGINES = (*VARIANTS, "transformers", "llama.cpp")
+# Speculative engines: "<variant>-spec" loads as the variant and decodes with lossless speculative
+# decoding (prompt-lookup drafts, up to the settings' "speculate" per forward: what `opengemma
+# generate --speculate K` runs). Its prefill, perplexity and cold start are the variant's.
+SPECULATIVE = {f"{v}-spec": v for v in ("opengemma", "opengemma-bf16", "opengemma-int8", "opengemma-mixed")
+               if v in VARIANTS}
+ENGINES = (*VARIANTS, *SPECULATIVE, "transformers", "llama.cpp")
 REFERENCE = "opengemma"  # fp32: its prompt ids are every engine's input, its greedy tokens the reference
 
 # A fixed, realistic English text: three distinct paragraphs, cycled until long enough, then cut
@@ -65,6 +74,15 @@ PARAGRAPHS = (
     "but about arranging data so that the processor finds what it needs exactly when it needs it.",
 )
 COLD_PROMPT = "The capital of France is"
+# The chat prompt set (bench_inference --decode-prompts chat): user turns in opengemma's chat format
+# (the reference engine's ids feed every engine), each decoded for --decode-tokens tokens: text
+# that repeats its prompt less than the cycled paragraphs do.
+CHAT_PROMPTS = (
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short Python function that checks whether a number is prime, then explain how it works.",
+    "Summarize this paragraph in two sentences:\n\n" + PARAGRAPHS[1],
+    "Give me a numbered list of five practical tips for sleeping better.",
+)
 NLL_ROWS = 128  # log-softmax over the 262k-entry vocabulary this many positions at a time
 
 
@@ -96,12 +114,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def variant_of(engine: str) -> str | None:
+    """The :data:`VARIANTS` entry an opengemma engine loads as (a speculative one: its variant)."""
+    engine = SPECULATIVE.get(engine, engine)
+    return engine if engine in VARIANTS else None
+
+
 def load_variant(engine: str, gguf: str):
     """A model loaded as the commands load it, with the options of one :data:`VARIANTS` entry
     (worker and cold start)."""
     import opengemma
 
-    opts = dict(VARIANTS[engine])
+    opts = dict(VARIANTS[variant_of(engine)])
     if opts.get("compile"):
         import inspect
 
@@ -134,12 +158,25 @@ class _OpenGemma:
         self.g = load_variant(engine, s["gguf"])
         self.load_s = time.perf_counter() - t
         self.compiled = getattr(self.g.model, "compiled_decode", None) is not None
-        self.info = {"load_options": VARIANTS[engine], "compiled_decode": self.compiled,
+        self.info = {"load_options": VARIANTS[variant_of(engine)], "compiled_decode": self.compiled,
                      "opengemma": getattr(opengemma, "__version__", "?")}
+        try:  # weights one decode step reads (quant.decode_weight_bytes): effective GB/s = this x tok/s
+            from opengemma.quant import decode_weight_bytes
+
+            self.info["decode_weight_bytes"] = decode_weight_bytes(self.g.model)
+        except ImportError:  # an opengemma without it
+            pass
         self.cache, self.cache_for = None, None
 
     def encode(self, text: str) -> list[int]:
         return self.g.tokenizer.encode(text, bos=True)
+
+    def chat_ids(self, prompts) -> list[list[int]]:
+        """Each prompt as a user turn awaiting the model's reply, in the chat format."""
+        from opengemma.chat import format_chat
+
+        return [format_chat(self.g.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True).ids
+                for p in prompts]
 
     def _cache_len(self, max_len: int) -> int:
         """Slots as generate() would allocate them: a compiled model rounds up to a power of two
@@ -154,10 +191,13 @@ class _OpenGemma:
         except TypeError:  # an opengemma without pow2
             return max_len
 
+    def _new_cache(self, max_len: int):
+        return self.g.model.make_cache(1, self._cache_len(max_len))
+
     def prefill(self, ids: list[int], max_len: int):
         with self.torch.inference_mode():
             if self.cache_for != max_len:  # one cache per worker: the compiled step sees one shape
-                self.cache = self.g.model.make_cache(1, self._cache_len(max_len))
+                self.cache = self._new_cache(max_len)
                 self.cache_for = max_len
             return self.gen.prefill(self.g.model, self.cache, [ids])  # [1, V], resets the row first
 
@@ -182,11 +222,16 @@ class _OpenGemma:
 
     def late_info(self) -> dict:
         """After the timed runs: whether torch.compile fell back to eager, or to inductor's Python
-        wrapper (opengemma.compiled)."""
+        wrapper (opengemma.compiled); for a screened head (``quantize="mixed"``) the rows it
+        screened and how many fell back to the full 8-bit head."""
+        info = {}
+        stats = getattr(self.g.model.embed, "stats", None)
+        if stats is not None:
+            info["head_screen"] = {"rows": stats.rows, "fallbacks": stats.fallbacks}
         if not self.compiled:
-            return {}
+            return info
         cd = self.g.model.compiled_decode
-        return {"compile_error": cd.error, "cpp_wrapper_error": getattr(cd, "cpp_error", None)}
+        return {**info, "compile_error": cd.error, "cpp_wrapper_error": getattr(cd, "cpp_error", None)}
 
     def ppl(self, ids: list[int]) -> float:
         from opengemma.logprobs import perplexity
@@ -194,6 +239,46 @@ class _OpenGemma:
         self.cache, self.cache_for = None, None
         with self.torch.inference_mode():
             return perplexity(self.g.model, ids)
+
+
+class _OpenGemmaSpec(_OpenGemma):
+    """A variant decoding speculatively: ``SpeculativeDecoder`` (prompt-lookup drafts, adaptive
+    draft length, at most ``speculate`` per forward) over a cache with spare ring slots, greedy.
+    Each forward is timed and its time spread over the tokens it yields, so the per-token times
+    sum to the loop's time as the plain decode's do; ``last_decode_stats`` holds the forwards,
+    drafted and accepted tokens of the latest decode."""
+
+    def __init__(self, s: dict, engine: str):
+        super().__init__(s, engine)
+        self.k = s["speculate"]
+        self.info["speculate"] = self.k
+        self.last_decode_stats = None
+
+    def _new_cache(self, max_len: int):
+        from opengemma.speculative import SpeculativeDecoder
+
+        return SpeculativeDecoder.make_cache(self.g.model, self._cache_len(max_len), self.k)
+
+    def decode(self, ids: list[int], steps: int, max_len: int) -> tuple[list[float], list[int]]:
+        from opengemma.generate import GenerationConfig
+        from opengemma.speculative import SpeculativeDecoder
+
+        logits = self.prefill(ids, max_len)
+        t = time.perf_counter()
+        out = [int(logits.argmax(-1))]  # as the plain decode's first step: from the prefill's logits
+        dec = SpeculativeDecoder(self.g.model, self.cache, GenerationConfig(speculate=self.k), ids + out)
+        times = []
+        first = time.perf_counter() - t  # the argmax and the set-up go to the first forward's tokens
+        while len(out) <= steps:
+            t = time.perf_counter()
+            got = dec.step(steps + 1 - len(out), len(out) + 1).tokens
+            dt = time.perf_counter() - t + first
+            first = 0.0
+            out += got
+            times += [dt / len(got)] * len(got)
+        self.last_decode_stats = {"forwards": dec.forwards, "drafted": dec.drafted, "accepted": dec.accepted,
+                                  "tokens": steps}
+        return times, out
 
 
 def hf_load(gguf: str):
@@ -363,14 +448,15 @@ def engine_available(engine: str) -> str | None:
     """None when the engine's package is importable here, else why not."""
     import importlib.util
 
-    mod = "opengemma" if engine in VARIANTS else {"transformers": "transformers", "llama.cpp": "llama_cpp"}[engine]
+    mod = "opengemma" if variant_of(engine) else {"transformers": "transformers", "llama.cpp": "llama_cpp"}[engine]
     if importlib.util.find_spec(mod) is None:
         return "llama-cpp-python not installed" if engine == "llama.cpp" else f"{mod} not installed"
     return None
 
 
 def make_engine(engine: str, settings: dict):
-    cls = _OpenGemma if engine in VARIANTS else {"transformers": _Transformers, "llama.cpp": _LlamaCpp}[engine]
+    cls = (_OpenGemmaSpec if engine in SPECULATIVE else _OpenGemma if engine in VARIANTS
+           else {"transformers": _Transformers, "llama.cpp": _LlamaCpp}[engine])
     return cls(settings, engine)
 
 
@@ -410,7 +496,14 @@ def serve_worker(engine: str, settings: dict, reply_fd: int) -> int:
             ready[f"{name}_ids_match_reference"] = None if ref is None else own == ref
             texts[name] = ready[f"{name}_ids"] = ref if ref is not None else own
         ids = texts["prompt"]
-        max_len = settings["prompt_tokens"] + settings["decode_tokens"]
+        decode_set = [ids]  # the prompts a decode command decodes after, one after the other
+        if settings.get("decode_prompts") == "chat":
+            decode_set = settings.get("chat_ids")
+            if decode_set is None:
+                if not hasattr(eng, "chat_ids"):
+                    raise RuntimeError("the chat prompt set needs an opengemma engine to format it first")
+                decode_set = ready["chat_ids"] = eng.chat_ids(CHAT_PROMPTS)
+        max_len = max(len(p) for p in [ids, *decode_set]) + settings["decode_tokens"]
         reply(ready)
         for line in sys.stdin:
             cmd = json.loads(line)
@@ -421,8 +514,14 @@ def serve_worker(engine: str, settings: dict, reply_fd: int) -> int:
                 reply({"s": dt, "argmax": int(logits.argmax())})
             elif cmd["op"] == "decode":
                 t = time.perf_counter()
-                times, toks = eng.decode(ids, cmd["steps"], max_len)
-                reply({"step_s": times, "ids": toks, "wall_s": time.perf_counter() - t})
+                times, toks, spec = [], [], {}
+                for prompt_ids in decode_set:
+                    step_s, got = eng.decode(prompt_ids, cmd["steps"], max_len)
+                    times, toks = times + step_s, toks + got
+                    for key, v in (getattr(eng, "last_decode_stats", None) or {}).items():  # speculative engines
+                        spec[key] = spec.get(key, 0) + v
+                reply({"step_s": times, "ids": toks, "wall_s": time.perf_counter() - t,
+                       **({"spec": spec} if spec else {})})
             elif cmd["op"] == "stats":
                 reply({"peak_rss_mib": peak_rss_mib(), "info": getattr(eng, "late_info", dict)()})
             elif cmd["op"] == "ppl":  # a failure here is reported, and the worker goes on
@@ -455,7 +554,7 @@ def cold_start(engine: str, gguf: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    if engine in VARIANTS:
+    if variant_of(engine):
         g = load_variant(engine, gguf)
         g.generate(COLD_PROMPT, max_new_tokens=1)
     else:

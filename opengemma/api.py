@@ -79,22 +79,26 @@ class Gemma:
         return f"Gemma({self.name!r}, {self.config.name}, dtype={self.dtype}, device={self.device})"
 
     # -- generation ------------------------------------------------------------------------------
-    def _gen_config(self, max_new_tokens, temperature, top_k, top_p, seed, stop) -> "gen_mod.GenerationConfig":
+    def _gen_config(self, max_new_tokens, temperature, top_k, top_p, seed, stop, speculate=0,
+                    ) -> "gen_mod.GenerationConfig":
         if isinstance(stop, str):
             stop = (stop,)
         return gen_mod.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed, stop=tuple(stop or ()))
+                                        top_p=top_p, seed=seed, stop=tuple(stop or ()), speculate=speculate)
 
     def generate(self, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: str | list[str] | None = None) -> str | list[str]:
-        """Continue one prompt (returns a str) or a batch of prompts (returns a list), batched in one pass."""
+                 stop: str | list[str] | None = None, speculate: int = 0,
+                 stats: "gen_mod.GenerationStats | None" = None) -> str | list[str]:
+        """Continue one prompt (returns a str) or a batch of prompts (returns a list), batched in one pass.
+        ``speculate`` k > 0: lossless speculative decoding with prompt-lookup drafts, k per forward
+        (one prompt; :mod:`opengemma.speculative`). ``stats``: a :class:`GenerationStats` to fill."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise OpenGemmaError("prompt must be a string or a non-empty list of strings")
         ids = [self._checked(self.tokenizer.encode(p, bos=True)) for p in prompts]
-        gen = self._gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop)
-        outs = gen_mod.generate(self.model, self.tokenizer, ids, gen)
+        gen = self._gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop, speculate)
+        outs = gen_mod.generate(self.model, self.tokenizer, ids, gen, stats=stats)
         texts = [o.text for o in outs]
         return texts[0] if isinstance(prompt, str) else texts
 
@@ -113,9 +117,10 @@ class Gemma:
 
     def _stream_ids(self, ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    stop: str | list[str] | None = None) -> Iterator[str]:
-        gen = self._gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop)
-        return gen_mod.stream_text(self.model, self.tokenizer, ids, gen)
+                    stop: str | list[str] | None = None, speculate: int = 0,
+                    stats: "gen_mod.GenerationStats | None" = None) -> Iterator[str]:
+        gen = self._gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop, speculate)
+        return gen_mod.stream_text(self.model, self.tokenizer, ids, gen, stats=stats)
 
     def chat(self, messages: list[dict], *, stream: bool = False, **kwargs) -> str | Iterator[str]:
         """Reply to a conversation (``[{"role": "user", "content": ...}, ...]``) as the model turn."""
@@ -130,8 +135,11 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     """Load a model (None = the embedded Gemma 3 270M) ready for generation.
 
     ``seed`` only matters for presets, whose weights are random (:meth:`GemmaModel.init_weights`).
-    ``quantize``: None/"none", "int8" or "int4" weight-only quantization (:mod:`opengemma.quant`);
-    GGUF weights go straight into quantized modules, without a float copy of the model.
+    ``quantize``: None/"none", "int8", "int4" or "mixed" weight-only quantization
+    (:mod:`opengemma.quant`); GGUF weights go straight into quantized modules, without a float
+    copy of the model. "mixed" keeps int8's weights (a GGUF's 4-bit tensors as int4, the rest
+    int8) and reads the 8-bit output head through a 4-bit screen when decoding: the top
+    candidates carry exact 8-bit logits (:mod:`opengemma.quant.head`).
     ``compile``: run the decode step through ``torch.compile`` (:mod:`opengemma.compiled`; CUDA
     graphs on GPU), falling back to eager with a one-line warning where compiling fails.
 

@@ -9,10 +9,22 @@ window, as a ring buffer (slot = position % window), which is what makes long co
 tracked per row (``pos_global``, ``pos_local``): rows of one batch may sit at different positions
 (ragged prompts, continuous batching), and masks stay exact when decoding past the window.
 
+Speculative decoding (:mod:`opengemma.speculative`) writes several drafted tokens in one forward
+and may then reject some. A ring of exactly ``window`` slots cannot take that back: the drafts'
+slots held keys that later queries still need. A cache made with ``spare=k`` keeps ``window + k``
+ring slots instead, so that a forward of up to k + 1 tokens only ever overwrites keys already out
+of every query's window (which also lets it write before attending, like one-token decoding),
+and :meth:`forget` rolls rejected positions back by marking their slots -1. Chosen over saving
+and restoring the overwritten slots by measurement (embedded 270M, fp32, one thread): the 8 extra
+slots cost a local layer's attention ~1 us per one-token step and ~7 us per 9-token verification
+(15 local layers: 15-100 us per forward), where copying the 9 slots out and back cost 170 us per
+forward, and without spare slots a several-token forward would also need the prefill's
+attend-over-[ring; new keys] path, which copies the whole ring per layer.
+
 The cache is a value with an API of its own: allocate (the constructor), :meth:`reset` rows,
 :meth:`take` (copy rows into a new cache), :meth:`rows` (a view of a row range, optionally of
-fewer global positions). The model only calls :meth:`step`, which returns a :class:`CacheStep`:
-the slots one forward writes and the masks it attends with.
+fewer global positions), :meth:`forget` positions. The model only calls :meth:`step`, which
+returns a :class:`CacheStep`: the slots one forward writes and the masks it attends with.
 """
 
 from __future__ import annotations
@@ -26,18 +38,24 @@ from .config import GemmaConfig
 
 
 class KVCache:
-    """Keys/values ``k[layer]``, ``v[layer]`` [B, KV, slots, D] and slot positions [B, slots]."""
+    """Keys/values ``k[layer]``, ``v[layer]`` [B, KV, slots, D] and slot positions [B, slots].
+
+    ``spare``: ring slots beyond the window, for forwards of up to ``spare + 1`` tokens whose
+    writes may be rolled back (:meth:`forget`); 0 for plain decoding."""
 
     def __init__(self, config: GemmaConfig, batch_size: int, max_len: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, spare: int = 0):
+        if spare < 0:
+            raise ValueError(f"spare ring slots must be >= 0, got {spare}")
         self.config = config
         self.batch_size = batch_size
         self.max_len = max_len
-        self.ring = self.ring_size(config, max_len)
+        self.spare = spare
+        self.ring = self.ring_size(config, max_len, spare)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for i in range(config.n_layers):
-            shape = (batch_size, config.n_kv_heads, self.slots(config, i, max_len), config.head_dim)
+            shape = (batch_size, config.n_kv_heads, self.slots(config, i, max_len, spare), config.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
         self.pos_global = torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)
@@ -48,21 +66,22 @@ class KVCache:
             pos_local: torch.Tensor, max_len: int) -> KVCache:
         """A cache over the given tensors (views or copies of ``like``'s)."""
         new = cls.__new__(cls)
-        new.config, new.ring = like.config, like.ring
+        new.config, new.ring, new.spare = like.config, like.ring, like.spare
         new.batch_size, new.max_len = pos_global.shape[0], max_len
         new.k, new.v, new.pos_global, new.pos_local = k, v, pos_global, pos_local
         return new
 
     # -- sizes -------------------------------------------------------------------------------------
     @staticmethod
-    def ring_size(config: GemmaConfig, max_len: int) -> int:
+    def ring_size(config: GemmaConfig, max_len: int, spare: int = 0) -> int:
         has_local = any(config.is_local(i) for i in range(config.n_layers))
-        return min(config.sliding_window, max_len) if has_local else 0
+        return min(config.sliding_window + spare, max_len) if has_local else 0
 
     @classmethod
-    def slots(cls, config: GemmaConfig, layer: int, max_len: int) -> int:
-        """Cache slots of one layer: its window (local) or the whole length (global), plus trash."""
-        return (cls.ring_size(config, max_len) if config.is_local(layer) else max_len) + 1
+    def slots(cls, config: GemmaConfig, layer: int, max_len: int, spare: int = 0) -> int:
+        """Cache slots of one layer: its window (local, plus ``spare``) or the whole length
+        (global), plus trash."""
+        return (cls.ring_size(config, max_len, spare) if config.is_local(layer) else max_len) + 1
 
     @classmethod
     def planned_bytes(cls, config: GemmaConfig, max_len: int, batch_size: int = 1, dtype=torch.float32) -> dict:
@@ -98,6 +117,27 @@ class KVCache:
         if zero:
             for t in self.k + self.v:
                 t[sel] = 0
+
+    def can_roll_back(self, n_tokens: int) -> bool:
+        """Whether a forward of ``n_tokens`` new tokens per row overwrites no key a later query may
+        need, so that :meth:`forget` can take any of them back exactly: no sliding-window ring, a
+        ring as long as the cache (slot = position), or ``n_tokens - 1`` <= its slots beyond the
+        window (a one-token step always qualifies)."""
+        return (not self.ring or self.ring == self.max_len
+                or n_tokens - 1 <= self.ring - self.config.sliding_window)
+
+    def forget(self, row: int, start: int, end: int) -> None:
+        """Roll back positions ``start..end-1`` of ``row``, written by the latest forward: their
+        slots read position -1 again (never attended; the keys stay until overwritten). Exact
+        when :meth:`can_roll_back` held for that forward (see the module docstring)."""
+        if end <= start:
+            return
+        if not self.can_roll_back(end - start):
+            raise ValueError(f"cannot roll back {end - start} positions with {self.spare} spare ring slots")
+        self.pos_global[row, start:end] = -1
+        if self.ring:
+            slots = torch.arange(start, end, device=self.device) % self.ring  # [n]
+            self.pos_local[row, slots] = -1
 
     def take(self, index: torch.Tensor | Sequence[int]) -> KVCache:
         """A new cache whose row i is a copy of this cache's row ``index[i]`` (rows may repeat)."""
@@ -160,8 +200,11 @@ class CacheStep:
         # One new token per row: its ring slot holds position p - ring, which is already outside
         # the window, so writing before attending is exact. Several new tokens (prefill) may
         # overwrite keys that earlier queries of the chunk still need: attend over
-        # [ring; new keys] first, then keep only the last `ring` positions of each row.
-        self.local_concat = input_pos.shape[1] > 1
+        # [ring; new keys] first, then keep only the last `ring` positions of each row. A ring
+        # with spare slots takes up to spare + 1 new tokens with writes first too (the slots they
+        # overwrite hold positions <= p + T - 1 - ring, before every query's window when
+        # T - 1 <= ring - window), as does a ring as long as the cache (slot = position).
+        self.local_concat = input_pos.shape[1] > 1 and not (cache.spare and cache.can_roll_back(input_pos.shape[1]))
         if self.local_concat:
             old = cache.pos_local[:, :self.n_local]
             k_pos = torch.cat([old, torch.where(valid, input_pos, -1)], dim=1)  # [B, n_local + T]

@@ -100,6 +100,7 @@ def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False, what:
 # because generate imports torch, which a parser must not (tests check they agree).
 MAX_TOP_K = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_SPECULATE = 64  # generate.MAX_SPECULATE
 
 _positive_int = int_range(1)
 seed_type = int_range(SEED_MIN, SEED_MAX, span="[-2**63, 2**64)")
@@ -116,9 +117,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to load (default: embedded 270M)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--quantize", "-q", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantize", "-q", choices=["none", "int8", "int4", "mixed"], default="none",
                    help="weight-only quantization of every linear layer and the tied embedding: int8 per "
-                        "channel or int4 in groups of 32 (GGUF 4-bit tensors load as int4 directly)")
+                        "channel or int4 in groups of 32 (GGUF 4-bit tensors load as int4 directly); "
+                        "mixed = int8's weights with the output head read through a 4-bit screen when "
+                        "decoding (its top 64 candidates rescored exactly from the 8-bit rows): int8's "
+                        "quality, fewer bytes per token")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (CUDA graphs on GPU); the first "
                         "generation in a process pays the compile time (on a CPU about a minute for a new "
@@ -144,6 +148,19 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
                    help="stop when TEXT is generated (repeatable); EOS and <end_of_turn> always stop")
 
 
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", type=int_range(0, MAX_SPECULATE, what=" (0 = off)"), default=0, metavar="K",
+                   help="speculative decoding: guess up to K next tokens by prompt lookup (what followed the "
+                        "latest earlier occurrence of the last few tokens, in the prompt or the text so far) "
+                        "and check them all in one forward. Lossless: greedy text is the same (up to float "
+                        "near-ties), sampling draws from the same distribution; faster when the text repeats "
+                        "what came before (quotes, lists, code, loops), a little slower when guesses keep "
+                        "failing. Default 0 = off")
+    p.add_argument("--stats", action="store_true",
+                   help="after generating, print to stderr: tokens, prefill and decode speed (tokens/s), and "
+                        "with --speculate the share of guessed tokens accepted and tokens per forward")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opengemma", description="Gemma models in PyTorch: run, chat, inspect, "
                                      "convert.", epilog=EPILOG)
@@ -155,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads standard input)")
     _model_args(p)
     _sampling_args(p, 128)
+    _decode_args(p)
     p.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user turn and answer as the model turn (instruction-tuned models)")
 
@@ -167,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "instruction-tuned model: the embedded base model rambles and may not end its turns.")
     _model_args(p)
     _sampling_args(p, 512)
+    _decode_args(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn)")
 
     p = sub.add_parser("info", help="show a model's config and parameter counts", epilog=EPILOG,
@@ -223,10 +242,20 @@ def _read_prompt(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
-def _sampling(args, g) -> dict:
+def _sampling(args, g, stats=None) -> dict:
     # -n is cut to the context here; generation then cuts it to what the prompt leaves.
     return dict(max_new_tokens=min(args.max_new_tokens, g.config.context_length), temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, speculate=args.speculate,
+                stats=stats)
+
+
+def _new_stats(args):
+    """A GenerationStats for one generation when --stats asks for it, else None."""
+    if not args.stats:
+        return None
+    from .generate import GenerationStats
+
+    return GenerationStats()
 
 
 def _load(args):
@@ -243,14 +272,18 @@ def _load(args):
 def cmd_generate(args) -> int:
     prompt = _read_prompt(args.prompt)
     g = _load(args)
+    stats = _new_stats(args)
     if args.chat:
-        pieces = g.chat([{"role": "user", "content": prompt}], stream=True, **_sampling(args, g))
+        pieces = g.chat([{"role": "user", "content": prompt}], stream=True, **_sampling(args, g, stats))
     else:
-        pieces = g.stream(prompt, **_sampling(args, g))
+        pieces = g.stream(prompt, **_sampling(args, g, stats))
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats is not None:
+        print(stats.summary(), file=sys.stderr)
     return 0
 
 
@@ -346,8 +379,9 @@ def _repl(g, args, interactive: bool) -> int:
             sys.stdout.write("gemma> ")
             sys.stdout.flush()
         reply: list[str] = []
+        stats = _new_stats(args)
         try:
-            for piece in g.chat(history, stream=True, **_sampling(args, g)):
+            for piece in g.chat(history, stream=True, **_sampling(args, g, stats)):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -364,6 +398,8 @@ def _repl(g, args, interactive: bool) -> int:
             reply = None
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if stats is not None and reply is not None:
+            print(stats.summary(), file=sys.stderr)
         if reply is None:
             continue
         if "".join(reply).strip():

@@ -19,6 +19,13 @@ the first three):
   dtype that overflows) end it with :class:`NonFiniteLogitsError` rather than sampling garbage;
   the check (:func:`finite_rows`) is one reduction per step, read back with the sampled ids.
 
+``GenerationConfig.speculate`` = k > 0 turns on lossless speculative decoding for a single prompt
+(:mod:`opengemma.speculative`: k drafted tokens verified per forward; same greedy tokens, same
+sampling distribution); batches of several prompts decode plainly. Tokens still come out one
+:class:`StepEvent` at a time, so streaming, stop tokens, stop strings and budgets behave as without
+it. Every front end fills an optional :class:`GenerationStats` (tokens, prefill and decode time,
+drafts accepted).
+
 Sampling comes from :mod:`opengemma.sampling` with one explicit ``torch.Generator`` per call.
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +50,7 @@ PREFILL_CHUNK = 512  # longest prefill forward; bounds the [T, S] attention scor
 # 64-bit overflow in torch.topk was a crash). Seeds: what torch.Generator.manual_seed accepts.
 MAX_TOP_K = 2**31 - 1
 SEED_RANGE = (-(2**63), 2**64)
+MAX_SPECULATE = 64  # drafted tokens per forward: beyond this a forward costs more than it can win
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,8 @@ class GenerationConfig:
     ``stop``: strings that end generation; the text is cut just before the first one.
     ``logprobs`` (serving): None reports none; k >= 0 the sampled token's log-probability plus the
     k most likely. ``ignore_eos``: keep going past end-of-sequence tokens (load tests; stop strings
-    still apply).
+    still apply). ``speculate``: draft tokens verified per forward (0 = off; :mod:`opengemma.speculative`,
+    prompt-lookup drafts unless a drafter is given); lossless, used for single-prompt generation.
     """
 
     max_new_tokens: int = 256
@@ -68,6 +78,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     ignore_eos: bool = False
+    speculate: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # a lone string would otherwise become one stop per char
@@ -97,6 +108,10 @@ class GenerationConfig:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or self.logprobs < 0):
             raise OpenGemmaError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        if (isinstance(self.speculate, bool) or not isinstance(self.speculate, int)
+                or not 0 <= self.speculate <= MAX_SPECULATE):
+            raise OpenGemmaError(f"speculate must be an integer in 0..{MAX_SPECULATE} (0 = off), "
+                                 f"got {self.speculate!r}")
 
 
 @dataclass
@@ -110,6 +125,56 @@ class Completion:
     finish_reason: str  # "stop" (stop token or stop string) or "length" (max_new_tokens)
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass
+class GenerationStats:
+    """What one generation call did, filled in as it runs (pass one to a front end's ``stats``).
+
+    ``prefill_s``: from the call's start to the first sampled token (the prompt's forward);
+    ``decode_s``: from there to the last token, including the time the caller spends between
+    streamed pieces. ``forwards`` counts decode forwards; with speculation each verifies
+    ``drafted`` tokens in all, ``accepted`` of them kept."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    forwards: int = 0
+    speculate: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rows: int = 1
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens from decode forwards: all but each row's first, which the prefill gives."""
+        return max(0, self.generated_tokens - self.rows)
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        return self.decode_tokens / self.forwards if self.forwards else None
+
+    def summary(self) -> str:
+        """A few lines for people (``opengemma generate --stats``)."""
+        def rate(n: int, s: float) -> str:
+            return f"{n / s:,.1f} tok/s" if s > 0 and n else "-"
+
+        lines = [f"tokens: {self.prompt_tokens} prompt, {self.generated_tokens} generated",
+                 f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
+                 f"({rate(self.prompt_tokens, self.prefill_s)}, first token included)",
+                 f"decode: {self.decode_tokens} tokens in {self.decode_s:.3f} s "
+                 f"({rate(self.decode_tokens, self.decode_s)})"]
+        if self.speculate:
+            acc = f"{self.acceptance:.1%}" if self.acceptance is not None else "-"
+            tpf = f"{self.tokens_per_forward:.2f}" if self.tokens_per_forward is not None else "-"
+            lines.append(f"speculation (k={self.speculate}): acceptance {acc} ({self.accepted}/{self.drafted} "
+                         f"drafted tokens), {tpf} tokens per forward ({self.forwards} forwards)")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -346,17 +411,48 @@ def cache_length(rows: Sequence[RowState], context_length: int, *, pow2: bool = 
     return min(-(-need // CACHE_ROUND) * CACHE_ROUND, max(context_length, need))
 
 
+def sample_checked(logits: torch.Tensor, generator: torch.Generator, gen: GenerationConfig,
+                   live: Sequence[bool], step: int) -> tuple[torch.Tensor, list[int]]:
+    """Sample one token per row of logits [B, V] -> (ids [B] on the device, the same as a list),
+    raising :class:`NonFiniteLogitsError` for a ``live`` row whose logits are not finite
+    (``step``: the generation step, for the message). One host sync."""
+    finite = finite_rows(logits)  # [B]
+    try:
+        next_ids = sample_next_token(logits, generator, gen.temperature, gen.top_k, gen.top_p)  # [B]
+    except RuntimeError:  # a sampler may refuse NaN probabilities itself
+        if any(on and not ok for ok, on in zip(finite.tolist(), live)):
+            raise nonfinite_error(step, logits.dtype) from None
+        raise
+    # A row with non-finite logits reads -1: the flag rides on the step's one host sync.
+    ids = torch.where(finite, next_ids, -1).tolist()  # streaming needs the ids anyway
+    if any(t < 0 and on for t, on in zip(ids, live)):
+        raise nonfinite_error(step, logits.dtype)
+    return next_ids, ids
+
+
 def run_rows(model, rows: Sequence[RowState], gen: GenerationConfig, *, pad_id: int = 0,
-             chunk_size: int = PREFILL_CHUNK) -> Iterator[StepEvent]:
+             chunk_size: int = PREFILL_CHUNK, drafter=None, stats: GenerationStats | None = None,
+             ) -> Iterator[StepEvent]:
     """Generate for ``rows`` together and yield one :class:`StepEvent` per step until all finish.
 
     One cache of B rows is allocated up front; all prompts are prefilled together, then every
     step feeds each unfinished row its last token at its own position. Finished rows are fed
     position -1, so they cost a little compute but never touch the cache and keep shapes static.
     Rows may be finished from outside between steps (``row.finish()``); they then stop too.
+
+    With ``gen.speculate`` > 0 and a single row, decoding is speculative
+    (:func:`opengemma.speculative.run_speculative`, ``drafter`` None: prompt lookup); the events
+    are the same, one token each. ``stats`` is filled in as generation runs.
     """
     if not rows:
         raise OpenGemmaError("no prompts given")
+    if gen.speculate and len(rows) == 1:
+        from .speculative import run_speculative  # imports this module: loaded on first use
+
+        yield from run_speculative(model, rows[0], gen, drafter=drafter, stats=stats, pad_id=pad_id,
+                                   chunk_size=chunk_size)
+        return
+    t0 = time.perf_counter()
     device = _device(model)
     B = len(rows)
     g = make_generator(gen.seed, device)
@@ -368,34 +464,55 @@ def run_rows(model, rows: Sequence[RowState], gen: GenerationConfig, *, pad_id: 
         step_tokens = torch.full((B, 1), pad_id, dtype=torch.long, device=device)  # [B, 1]
         step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)  # [B, 1]
     step = 0
-    while True:
-        step += 1
-        with torch.inference_mode():
-            finite = finite_rows(logits)  # [B]
-            try:
-                next_ids = sample_next_token(logits, g, gen.temperature, gen.top_k, gen.top_p)  # [B]
-            except RuntimeError:  # a sampler may refuse NaN probabilities itself
-                if not all(ok or r.finished for ok, r in zip(finite.tolist(), rows)):
-                    raise nonfinite_error(step, logits.dtype) from None
-                raise
-            # A row with non-finite logits reads -1: the flag rides on the step's one host sync.
-            flagged = torch.where(finite, next_ids, -1)  # [B]
-        ids = flagged.tolist()  # the one host sync per step; streaming needs the ids anyway
-        if any(t < 0 and not r.finished for t, r in zip(ids, rows)):
-            raise nonfinite_error(step, logits.dtype)
-        event = StepEvent(tokens=[None] * B, texts=[None] * B)
-        for i, r in enumerate(rows):
-            if not r.finished:
-                event.tokens[i], event.texts[i] = ids[i], r.push(ids[i])
-        yield event
-        if all(r.finished for r in rows):
+    clock = GenerationClock(stats, rows, t0)
+    try:
+        while True:
+            step += 1
+            with torch.inference_mode():
+                next_ids, ids = sample_checked(logits, g, gen, [not r.finished for r in rows], step)
+            clock.sampled(step)
+            event = StepEvent(tokens=[None] * B, texts=[None] * B)
+            for i, r in enumerate(rows):
+                if not r.finished:
+                    event.tokens[i], event.texts[i] = ids[i], r.push(ids[i])
+            yield event
+            if all(r.finished for r in rows):
+                return
+            with torch.inference_mode():
+                live = [not r.finished for r in rows]
+                pos = [r.position if ok else -1 for r, ok in zip(rows, live)]
+                step_tokens.copy_(next_ids[:, None])
+                step_pos.copy_(torch.tensor(pos, dtype=torch.long)[:, None])
+                logits = decode_step(model, step_tokens, step_pos, cache)  # [B, V]
+            clock.forwards += 1
+    finally:
+        clock.done()
+
+
+class GenerationClock:
+    """Fills a :class:`GenerationStats` for :func:`run_rows` and the speculative loop (or nothing,
+    for ``stats`` None): prefill time up to the first sampled token, decode time after it."""
+
+    def __init__(self, stats: GenerationStats | None, rows: Sequence[RowState], t0: float, speculate: int = 0):
+        self.stats, self.rows, self.t0, self.t1 = stats, rows, t0, None
+        self.forwards = self.drafted = self.accepted = 0
+        self.speculate = speculate
+
+    def sampled(self, step: int) -> None:
+        if step == 1 and self.stats is not None:
+            self.t1 = time.perf_counter()
+
+    def done(self) -> None:
+        s = self.stats
+        if s is None:
             return
-        with torch.inference_mode():
-            live = [not r.finished for r in rows]
-            pos = [r.position if ok else -1 for r, ok in zip(rows, live)]
-            step_tokens.copy_(next_ids[:, None])
-            step_pos.copy_(torch.tensor(pos, dtype=torch.long)[:, None])
-            logits = decode_step(model, step_tokens, step_pos, cache)  # [B, V]
+        end = time.perf_counter()
+        t1 = self.t1 if self.t1 is not None else end
+        s.prompt_tokens = sum(r.prompt_tokens for r in self.rows)
+        s.generated_tokens = sum(r.completion_tokens for r in self.rows)
+        s.rows = len(self.rows)
+        s.prefill_s, s.decode_s = t1 - self.t0, end - t1
+        s.forwards, s.speculate, s.drafted, s.accepted = self.forwards, self.speculate, self.drafted, self.accepted
 
 
 def _prepare(model, prompts_ids: Sequence[Sequence[int]], gen: GenerationConfig, stop_ids, tokenizer,
@@ -414,13 +531,14 @@ def _prepare(model, prompts_ids: Sequence[Sequence[int]], gen: GenerationConfig,
 
 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
-                    stop_ids: set[int] | frozenset[int] = frozenset(), *, pad_id: int = 0,
-                    ) -> Iterator[list[int | None]]:
+                    stop_ids: set[int] | frozenset[int] = frozenset(), *, pad_id: int = 0, drafter=None,
+                    stats: GenerationStats | None = None) -> Iterator[list[int | None]]:
     """Token-level generation: yields per step the id sampled for each row (None once a row has
-    finished). A stop id is yielded and ends its row; stop strings are not applied (no text)."""
+    finished). A stop id is yielded and ends its row; stop strings are not applied (no text).
+    ``drafter`` (with ``gen.speculate``) and ``stats``: see :func:`run_rows`."""
     gen = gen or GenerationConfig()
     rows = _prepare(model, prompts, gen, stop_ids, None)
-    for ev in run_rows(model, rows, gen, pad_id=pad_id):
+    for ev in run_rows(model, rows, gen, pad_id=pad_id, drafter=drafter, stats=stats):
         yield ev.tokens
 
 
@@ -436,28 +554,30 @@ def _text_rows(model, tokenizer, prompts_ids, gen) -> list[RowState]:
 
 
 def stream(model, tokenizer, prompts_ids: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
-           ) -> Iterator[list[str | None]]:
+           *, drafter=None, stats: GenerationStats | None = None) -> Iterator[list[str | None]]:
     """Batched streaming: yields per step the text released for each row ('' while nothing new
-    or held back; None once the row had finished). Concatenated, a row's pieces are its text."""
+    or held back; None once the row had finished). Concatenated, a row's pieces are its text.
+    ``drafter`` (with ``gen.speculate``) and ``stats``: see :func:`run_rows`."""
     gen = gen or GenerationConfig()
     rows = _text_rows(model, tokenizer, prompts_ids, gen)
-    for ev in run_rows(model, rows, gen, pad_id=_pad_id(tokenizer)):
+    for ev in run_rows(model, rows, gen, pad_id=_pad_id(tokenizer), drafter=drafter, stats=stats):
         yield ev.texts
 
 
-def stream_text(model, tokenizer, prompt_ids: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt_ids: Sequence[int], gen: GenerationConfig | None = None, *,
+                drafter=None, stats: GenerationStats | None = None) -> Iterator[str]:
     """Streaming for one prompt: yields the non-empty text pieces as they become final."""
-    for texts in stream(model, tokenizer, [prompt_ids], gen):
+    for texts in stream(model, tokenizer, [prompt_ids], gen, drafter=drafter, stats=stats):
         if texts[0]:
             yield texts[0]
 
 
-def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]],
-             gen: GenerationConfig | None = None) -> list[Completion]:
+def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], gen: GenerationConfig | None = None, *,
+             drafter=None, stats: GenerationStats | None = None) -> list[Completion]:
     """Generate for every prompt (batched together); one :class:`Completion` per prompt, in order."""
     gen = gen or GenerationConfig()
     rows = _text_rows(model, tokenizer, prompts_ids, gen)
-    for _ in run_rows(model, rows, gen, pad_id=_pad_id(tokenizer)):
+    for _ in run_rows(model, rows, gen, pad_id=_pad_id(tokenizer), drafter=drafter, stats=stats):
         pass
     return [r.completion() for r in rows]
 

@@ -62,8 +62,11 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, greedy
         chunk = max(1024, min(V, budget // max(1, 4 * h.shape[0])))
         logp, best = _ChunkedLogprob.apply(h, weight, t, model.config.final_softcap, chunk)
     else:
+        from .quant.head import exact_head  # a screened head is exact only for its top candidates
+
         rows = max(1, budget // (4 * V))
-        parts = [from_logits(model.head(h[i:i + rows]), t[i:i + rows])[:2] for i in range(0, h.shape[0], rows)]
+        with exact_head(model):
+            parts = [from_logits(model.head(h[i:i + rows]), t[i:i + rows])[:2] for i in range(0, h.shape[0], rows)]
         logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
         best = torch.cat([p[1] for p in parts]) if parts else t.new_zeros(0, dtype=torch.bool)
     return (logp.view(shape), best.view(shape)) if greedy else logp.view(shape)

@@ -202,10 +202,12 @@ class GemmaModel(nn.Module):
         return self
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> KVCache:
+                   device: torch.device | str | None = None, *, spare: int = 0) -> KVCache:
+        """A KV cache for this model (``spare``: extra ring slots for speculative decoding)."""
         # The norms stay in the activation dtype even when linear weights are quantized.
         w = self.final_norm.weight
-        return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype, device=device or w.device)
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype, device=device or w.device,
+                       spare=spare)
 
     def inv_freq(self, local: bool, device: torch.device) -> torch.Tensor:
         """RoPE inverse frequencies [D/2] in fp32; linear scaling applies to global layers only."""

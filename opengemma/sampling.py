@@ -304,6 +304,13 @@ def _draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (j * DRAW_BLOCK + _search(inner, within)).clamp_(max=n - 1)
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of ``weights`` [b, n] (>= 0, any scale, not all 0), drawn with
+    ``generator``: [b] long. The draw every sampler here ends with, for callers holding a
+    distribution of their own (speculative decoding's residual distributions)."""
+    return _draw(weights, generator)
+
+
 def _search(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The i with cdf[i-1] <= u < cdf[i] per row (cdf [b, n] non-decreasing, u [b, 1]): [b] long.
 

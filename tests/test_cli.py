@@ -98,12 +98,27 @@ def test_chat_ends_on_eof():
     (("generate", "hi", "-n", "lots"), "expected a whole number"),
     (("generate", "hi", "--dtype", "float8"), "unknown dtype"),
     (("generate", "hi", "--device", "cuda:0"), ""),
+    (("generate", "hi", "--speculate", "-1"), "must be in 0..64 (0 = off)"),
+    (("chat", "--speculate", "lots"), "expected a whole number"),
 ])
 def test_bad_arguments_are_one_line(args, fragment):
     proc = run(*args)
     if args[-1] == "cuda:0" and proc.returncode == 0:
         pytest.skip("a CUDA device is present")
     assert_one_line_error(proc, fragment)
+
+
+def test_speculate_gives_the_same_text_and_stats_report_it():
+    # Greedy text with --speculate equals the text without; --stats prints the speeds and, with
+    # speculation, the acceptance rate and tokens per forward (stderr: stdout stays the text).
+    args = ("generate", "one two three, one two three, one two", "--model", "tiny-gemma3", "-n", "24")
+    plain = run(*args, "--stats", tiny=True)
+    spec = run(*args, "--speculate", "4", "--stats", tiny=True)
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and spec.stdout.strip()
+    assert "decode: 23 tokens in" in plain.stderr and "tok/s" in plain.stderr and "speculation" not in plain.stderr
+    assert "speculation (k=4): acceptance " in spec.stderr and "tokens per forward" in spec.stderr
+    assert "tokens: " in spec.stderr and "24 generated" in spec.stderr
 
 
 def test_max_new_tokens_is_cut_to_the_context():

@@ -17,8 +17,8 @@ from torch import nn
 
 from opengemma.config import PRESETS
 from opengemma.errors import OpenGemmaError
-from opengemma.generate import (CACHE_ROUND, GenerationConfig, NonFiniteLogitsError, RowState, cache_length,
-                                decode_step, generate, generate_tokens, prefill, stream, stream_text)
+from opengemma.generate import (CACHE_ROUND, GenerationConfig, GenerationStats, NonFiniteLogitsError, RowState,
+                                cache_length, decode_step, generate, generate_tokens, prefill, stream, stream_text)
 from opengemma.cache import KVCache
 from opengemma.model import GemmaModel
 from opengemma.testing import BOS, EOS, EOT, ByteTokenizer, tiny_model
@@ -290,6 +290,22 @@ def test_rows_finish_independently_and_are_fed_position_minus_one():
     prefill_pos, steps = model.fed[0], model.fed[1:]
     assert prefill_pos.tolist() == [[0, -1, -1], [0, 1, 2]]  # right padding at position -1
     assert [s.tolist() for s in steps] == [[[1], [3]], [[2], [4]], [[-1], [5]], [[-1], [6]], [[-1], [7]]]
+
+
+def test_stats_count_tokens_forwards_and_time():
+    model = scripted([ids_of("abc") + [EOS], ids_of("abcdef")], [1, 3])
+    stats = GenerationStats()
+    generate(model, FakeTokenizer(), [[BOS], [BOS, 5, 6]], GenerationConfig(max_new_tokens=6), stats=stats)
+    # 4 + 6 sampled tokens (EOS included), 6 steps: one prefill, 5 decode forwards.
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.rows, stats.forwards) == (4, 10, 2, 5)
+    assert stats.decode_tokens == 8 and stats.speculate == 0 and stats.acceptance is None
+    assert stats.prefill_s > 0 and stats.decode_s > 0
+    assert "decode: 8 tokens in" in stats.summary() and "speculation" not in stats.summary()
+    stats = GenerationStats()  # a stream closed early still reports what it did
+    pieces = stream(scripted(["abcdef"], [1]), FakeTokenizer(), [[BOS]], GenerationConfig(max_new_tokens=6), stats=stats)
+    next(pieces), next(pieces)
+    pieces.close()
+    assert (stats.generated_tokens, stats.forwards) == (2, 1)
 
 
 def test_prompt_longer_than_context_is_clamped_or_rejected():

@@ -75,6 +75,53 @@ def test_int4_matmul(shape, group, act):
         assert ((y.float() - x.float() @ Wq.T).abs() <= _bf16_bound(x.float(), Wq)).all()
 
 
+# -- routes by row count (issue 19, part C) ---------------------------------------------------------
+def _module(kind: str, N: int, K: int, act, seed: int = 5):
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return Int8Linear.from_float(W.to(act)) if kind == "int8" else Int4Linear.from_float(W.to(act))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_dense_route_matches_the_packed_kernel(kind, act, monkeypatch):
+    """The dense route (dequantize on the fly + GEMM) and the packed kernel read the same stored
+    weights, so they differ by rounding only: the packed kernel rounds activations and output to
+    bf16; the dense route in bf16 rounds each dequantized weight (one bf16 ulp, 2**-8 relative)
+    and the output. Both are held to ``_bf16_bound`` against the fp32 product, at every row count.
+    In tiles (forced small here; 1000 rows: not a multiple of 64 or of the tile) the dense route
+    equals the whole matrix's GEMM bitwise: tiling splits outputs, never a dot product."""
+    m = _module(kind, 1000, 256, act)
+    Wq = m.dequantize()
+    g = torch.Generator().manual_seed(6)
+    for M in (1, 4, 9, 40):
+        x = torch.randn(M, 256, generator=g).to(act)
+        ref = x.float() @ Wq.T
+        packed, dense = m.packed(x), m.dense(x)
+        assert packed.dtype == dense.dtype == act and packed.shape == dense.shape == (M, 1000)
+        for y in (packed, dense):
+            assert ((y.float() - ref).abs() <= _bf16_bound(x.float(), Wq)).all()
+    whole = m.dense(x)
+    monkeypatch.setattr(quant, "_WHOLE_BYTES", 0)
+    monkeypatch.setattr(quant, "_TILE_BYTES", 3 * 64 * 256 * x.element_size())  # 192-row tiles
+    assert torch.equal(m.dense(x), whole)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_row_count_picks_the_route(kind):
+    """Up to ``dense_rows`` rows the packed kernel, above it the dense route, per activation dtype;
+    and the packed kernels score every row alone (bitwise the same in a 9-row call as in a 1-row
+    one), which is what makes a speculative verification forward give plain decoding's numbers."""
+    for act in (torch.float32, torch.bfloat16):
+        m = _module(kind, 320, 128, act)
+        n = quant.dense_rows(m, act)
+        x = torch.randn(n + 1, 128, generator=torch.Generator().manual_seed(7)).to(act)
+        assert torch.equal(m(x[:n]), m.packed(x[:n])) and torch.equal(m(x), m.dense(x))
+        assert not torch.equal(m.packed(x), m.dense(x))  # the two routes really differ
+        nine = m(x[:9])
+        assert all(torch.equal(nine[i], m(x[i:i + 1])[0]) for i in range(9))
+    assert quant.dense_rows(m, torch.float16) == quant.dense_rows(m, torch.float32)  # unmeasured: fp32's
+
+
 def _group_sq_err(w, q, s, z, group):
     N, K = w.shape
     deq = (q.float().reshape(N, K // group, group) - 8) * s.float()[..., None] + z.float()[..., None]

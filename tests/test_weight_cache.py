@@ -71,7 +71,7 @@ def test_opt_out(cache_dir, gguf_path, monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "mixed"])
 def test_quantized_hit_equals_fresh_conversion(cache_dir, gguf_path, mode):
     from opengemma.generate import decode_step, prefill
     from opengemma.quant import QuantizedEmbedding

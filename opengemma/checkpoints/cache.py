@@ -33,17 +33,22 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import save_file
 
 from ..config import GemmaConfig
 from ..errors import OpenGemmaError
 
 # Bump when converted tensors would differ for the same source and options (2: least-squares int4
-# grids; 3: entries also hold the tokenizer's vocabulary arrays, vocab.safetensors).
-FORMAT_VERSION = 3
+# grids; 3: entries also hold the tokenizer's vocabulary arrays, vocab.safetensors; 4: every tensor
+# 64-byte aligned in the file, see _save_aligned).
+FORMAT_VERSION = 4
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I8": np.int8, "U8": np.uint8,
               "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.float64: "F64", torch.bool: "BOOL"}
+ALIGN = 64  # bytes: a cache line, and what torch's own allocator gives every tensor
+PAD_PREFIX = "__pad"  # filler tensors between aligned tensors (the format allows no gaps)
 
 
 def enabled() -> bool:
@@ -110,20 +115,50 @@ def entry_dir(source: Path, **options) -> Path:
 
 
 def load_mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as copy-on-write views of a memory map (no read up front)."""
+    """Tensors of a safetensors file as copy-on-write views of a memory map (no read up front).
+
+    A tensor that is not :data:`ALIGN`-byte aligned in memory (a file not written by
+    :func:`_save_aligned`) is copied: torch's packed int8 kernel reads its weight with aligned
+    vector loads and faults (SIGSEGV) on a misaligned one, for more than one input row."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
     data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len)
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__" or name.startswith(PAD_PREFIX):
             continue
         start, end = info["data_offsets"]
         array = data[start:end].view(_NP_DTYPES[info["dtype"]]).reshape(info["shape"])
         tensor = torch.from_numpy(array)
-        out[name] = tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+        tensor = tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+        out[name] = tensor.clone() if tensor.data_ptr() % ALIGN else tensor
     return out
+
+
+def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file whose every tensor starts :data:`ALIGN` bytes into a page-aligned map
+    (so memory-mapped views are aligned as torch's own tensors are): the header is padded with
+    spaces (the format allows it) and gaps between tensors are filled by small uint8 tensors named
+    ``__pad*`` (the format allows no unindexed bytes), which :func:`load_mmap_safetensors` skips.
+    safetensors' own writer aligns to 8 bytes only."""
+    header, layout, offset = {}, [], 0
+    for i, (name, t) in enumerate(tensors.items()):
+        gap = -offset % ALIGN
+        if gap:
+            header[f"{PAD_PREFIX}{i}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            layout.append(bytes(gap))
+            offset += gap
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + raw.size]}
+        layout.append(raw)
+        offset += raw.size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.writelines(layout)  # bytes and contiguous uint8 arrays (buffer protocol)
 
 
 def read(entry: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], bytes | None, dict] | None:
@@ -153,8 +188,7 @@ def write(entry: Path, config: GemmaConfig, state_dict: dict[str, torch.Tensor],
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
+        _save_aligned(state_dict, tmp / "model.safetensors")
         if tokenizer_bytes is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer_bytes)
         if vocab is not None:
@@ -282,7 +316,7 @@ CHECKED = "weights_checked"
 
 def load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str = "cpu", quantize: str | None = None):
     """(model, tokenizer) of a GGUF file through the cache: converted once (seconds), then
-    memory-mapped. ``quantize`` ("int8" / "int4", CPU only) stores the packed weights; their
+    memory-mapped. ``quantize`` ("int8" / "int4" / "mixed", CPU only) stores the packed weights; their
     layouts are torch's own, so that key includes the torch version."""
     from ..tokenizer import Tokenizer
     from . import load_weights, reader

@@ -37,7 +37,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to evaluate (default: embedded 270M)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--quantize", "-q", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantize", "-q", choices=["none", "int8", "int4", "mixed"], default="none",
                    help="weight-only quantization of the evaluated model (and of --baseline / --judge)")
     p.add_argument("--tasks", default=None,
                    help="comma-separated tasks and suites: table6 (report Table 6), h6 (Table 7, leaderboard "
@@ -89,7 +89,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="side-by-side on these prompts (.jsonl with 'prompt', or .txt one per line)")
     p.add_argument("--baseline", default=None, metavar="MODEL", help="the side-by-side baseline model")
     p.add_argument("--judge", default=None, metavar="MODEL|URL",
-                   help="judge: an opengemma model, or the base URL of an OpenAI-compatible endpoint")
+                   help="judge: an opengemma model, a reward model directory (`opengemma train rm` + `train "
+                        "export`: the higher reward wins), or the base URL of an OpenAI-compatible endpoint")
+    p.add_argument("--judge-tie-margin", type=float, default=0.0, metavar="R",
+                   help="with a reward-model judge: rewards closer than R are a tie (0)")
     p.add_argument("--judge-model", default=None, help="model name to send to an endpoint judge")
     p.add_argument("--max-new-tokens", "-n", type=_positive, default=256, help="response length for side-by-side")
     return p
@@ -257,7 +260,8 @@ def _skip(failed: dict, name: str, error: Exception) -> None:
 
 def _run_sxs(g, args) -> dict:
     from ..api import load
-    from .sxs import EndpointJudge, ModelJudge, respond, side_by_side
+    from ..train.reward import is_reward_model
+    from .sxs import EndpointJudge, ModelJudge, RewardJudge, respond, side_by_side
 
     if not args.baseline or not args.judge:
         raise OpenGemmaError("--sxs needs --baseline MODEL and --judge MODEL|URL")
@@ -269,6 +273,8 @@ def _run_sxs(g, args) -> dict:
         if not args.judge_model:
             raise OpenGemmaError("an endpoint judge needs --judge-model NAME")
         judge = EndpointJudge(args.judge, args.judge_model)
+    elif is_reward_model(args.judge):
+        judge = RewardJudge(args.judge, dtype=args.dtype, device=args.device, tie_margin=args.judge_tie_margin)
     else:
         judge = ModelJudge(load(args.judge, dtype=args.dtype, device=args.device, quantize=args.quantize))
     bar = _bar(len(prompts), "side-by-side")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OpenGemmaError
+from ..quant.head import exact_head
 from ..generate import GenerationConfig, NonFiniteLogitsError, generate, prefill
 from ..cache import KVCache
 from ..logprobs import from_logits, token_logprobs
@@ -102,7 +103,9 @@ class Scorer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.prefix, []).append(i)
-        with torch.inference_mode():
+        # A screened quantized head (quantize="mixed") is exact only for its top candidates:
+        # log-likelihood scoring reads the full 8-bit head.
+        with torch.inference_mode(), exact_head(self.model):
             for prefix, idx in groups.items():
                 longest = max(len(a) + len(b) for i in idx for a, b in requests[i].pairs)
                 max_len = -(-(len(prefix) + longest) // 64) * 64
@@ -130,7 +133,7 @@ class Scorer:
         """The same numbers, each choice scored alone from position 0 (no reuse): the oracle."""
         dev = _device(self.model)
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_head(self.model):
             for r in requests:
                 res = []
                 for ctx, cont in r.pairs:

@@ -21,7 +21,10 @@ quantized form where the GGUF is already quantized").
   Q6_K / Q8_0 linear weights (q, k, gate, up, half of v and down) as per-channel int8 brings
   perplexity from 16.39 to 14.02 (bf16: 13.60) but decode from 20.3 to 24.7 ms per token: at
   batch 1 the weights stream from memory, and int8 reads twice the bytes. Only Q6_K / Q8_0 as
-  int8: 15.65. Whoever wants the file's precision has ``int8`` mode (13.65).
+  int8: 15.65. Whoever wants the file's precision has ``int8`` mode (13.65), or ``mixed`` (the
+  same weights; the head read through a 4-bit screen when decoding, :mod:`opengemma.quant.head`).
+  Q5_0 (q, k, gate, up and half of v here) has no 4-bit form without that loss, so both keep it
+  8-bit.
 
 Corrupt tensor data is refused here as in the float loader
 (:func:`opengemma.checkpoints.check_finite`), on the values each module is built from: the float
@@ -42,10 +45,10 @@ from .linear import (
     DEFAULT_GROUP,
     Int4Linear,
     QuantizedEmbedding,
-    check_mode,
     _default_compute_dtype,
     build_int4,
     build_int8,
+    check_mode,
     fuse_projections,
     quantize_int4,
     quantize_int8,
@@ -162,12 +165,14 @@ def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, 
                         int4_exact: bool = True, fuse: bool = True):
     """(config, model) of a GGUF file with its weights loaded straight into quantized modules.
 
-    Q4_0 / Q4_K tensors become exact int4 (group 32) in both modes (``int4_exact``); the other
-    weights are dequantized one at a time, in row chunks, and quantized to ``mode``. Norms are
+    Q4_0 / Q4_K tensors become exact int4 (group 32) in every mode (``int4_exact``); the other
+    weights are dequantized one at a time, in row chunks, and quantized to ``mode`` (``mixed``:
+    to int8, then the 8-bit head gets its 4-bit screen, :mod:`opengemma.quant.head`). Norms are
     loaded in ``dtype`` (the activation dtype). Peak memory: the quantized model plus one chunk.
     ``fuse`` stacks q/k/v and gate/up where they got the same kind (:func:`fuse_projections`).
     """
     check_mode(mode)
+    screened, mode = mode == "mixed", ("int8" if mode == "mixed" else mode)
     from ..checkpoints import gguf as g
     from ..errors import OpenGemmaError
     from ..model import build_model
@@ -223,4 +228,8 @@ def quantized_from_gguf(path, mode: str, *, dtype: torch.dtype = torch.float32, 
             if p is not None and p.is_meta]
     if left:
         raise OpenGemmaError(f"{path}: GGUF file lacks {len(left)} tensors, e.g. {left[0]}")
+    if screened:
+        from .head import screen_head
+
+        screen_head(model)
     return config, (fuse_projections(model) if fuse else model).eval()

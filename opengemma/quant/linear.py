@@ -21,13 +21,29 @@ Kernels (PyTorch's own; measured with torch 2.13 on this 2-core CPU, 2 threads, 
 Hence on the CPU the packed kernels always run with bf16 activations (``compute_dtype``): an fp32
 model casts each linear's input to bf16 and its output back to fp32. That rounds activations
 (relative 2**-8) on top of the weight rounding; the measured effect is in the tests and the
-report (int8 perplexity 18.66 vs fp32 18.95; see tests/test_quant.py). For many rows at once (prefill, ``M > dense_rows``) the
-packed kernels are not faster than a dense GEMM (512x640 @ 640x2048: int4/int8 packed ~24-36 ms,
-dense bf16 ~12 ms), so there the weight is dequantized on the fly into the activation dtype and
-multiplied with a dense GEMM (exact with respect to the stored quantized weights up to one rounding
-to that dtype; for the CPU int4 layout in three vectorized passes, :meth:`Int4Linear.dequantize_t`).
-Where no packed kernel exists for a device/dtype (e.g. MPS, an int4 shape the kernel refuses),
-the module falls back to the same dequantize-on-the-fly matmul.
+report (int8 perplexity 18.66 vs fp32 18.95; see tests/test_quant.py).
+
+Rows (issue 19, part C; bench/bench_quant_rows.py, bench/results/quant-rows-xeon.md). Both packed
+kernels work on blocks of 4 input rows, unpacking the weight again for each: 2-4 rows cost
+1.1-1.4x one row, 5-8 rows ~2x, 9 (a verification of 8 drafts) ~3x. Each output is its own dot
+product, so a row's result does not depend on the call's other rows (bitwise, tests/test_quant.py):
+a speculative verification gives plain decoding's numbers. Alternatives measured for 2-32 rows:
+
+* dequantize on the fly + dense GEMM (``dense``): converting int8 to bf16 alone costs more than
+  the packed kernel over 4 rows, so it pays only for many rows; the crossover per kind and
+  activation dtype is ``DENSE_ROWS`` (int8: 24 rows in bf16, 32 in fp32; int4: 48 / 64), above
+  which the weight is dequantized into the activation dtype (exact w.r.t. the stored weights up
+  to one rounding to that dtype) in cache-sized tiles (:func:`tiled_matmul`) and multiplied with
+  a dense GEMM (AMX on this CPU for bf16): the prefill route, and the fallback wherever no packed
+  kernel exists (e.g. MPS, an int4 shape the kernel refuses).
+* a bf16 copy of each weight kept next to the packed one: a bf16 GEMM hardly grows with rows and
+  wins from 5 rows (9 rows: head 65 vs 145 ms, gate+up 0.7 vs 0.9 ms), but costs 2 bytes per
+  weight (+535 MB for the 270M, more than its bf16 weights) and rounds every weight to bf16 (a
+  verification would no longer match plain decoding bitwise); speculative decoding gained -2% to
+  +10% with it (``mixed``, bf16, k = 8): not adopted.
+* inductor's AMX weight-only GEMM (``torch.compile`` with max-autotune and freezing): 0.33 vs
+  0.95 ms for gate+up over 8 rows, but it compiles per row count and freezes the weights into
+  the graph: not adopted.
 
 torchao is not used: everything it would call for these two schemes on CPU/CUDA is the same
 pair of aten ops used here (its ``int4_weight_only`` / ``int8_weight_only`` layouts wrap
@@ -46,9 +62,9 @@ GGUF tensors load straight into these modules (:mod:`opengemma.quant.gguf`).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -57,14 +73,49 @@ __all__ = [
     "Int8Linear",
     "QuantizedEmbedding",
     "check_mode",
+    "dense_rows",
     "quantize_model",
+    "tiled_matmul",
 ]
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "mixed")  # mixed: int8's weights, the head screened (:mod:`.head`)
 DEFAULT_GROUP = 32
 _CPU_BLOCK_N = 64  # the CPU int4pack layout: [N/64, K, 32] bytes, low nibble row j, high row 32+j
 _CHUNK_ROWS = 8192  # rows quantized at once: bounds the temporaries for the 262144-row embedding
-DENSE_ROWS = 32  # more input rows than this: dequantize the weight and use a dense GEMM
+_WHOLE_BYTES = 8 << 20  # the dense route dequantizes a matrix whole up to this size...
+_TILE_BYTES = 4 << 20  # ...and a larger one in tiles of about this size (tiled_matmul)
+
+
+def dense_rows(module: nn.Module, act_dtype: torch.dtype) -> int:
+    """The most input rows for which ``module`` (an :class:`Int8Linear` / :class:`Int4Linear`) uses
+    its packed kernel; more rows take the dense route (dequantize + GEMM, :func:`tiled_matmul`).
+    The crossover is the class's ``DENSE_ROWS`` for the activation dtype (measured, see there); a
+    dtype not measured gets fp32's."""
+    table = module.DENSE_ROWS
+    return table.get(act_dtype, table[torch.float32])
+
+
+def tiled_matmul(x2: torch.Tensor, N: int, weight_t) -> torch.Tensor:
+    """``x2 [M, K] @ W.T`` -> [M, N] in x2's dtype, where ``weight_t(i, j)`` dequantizes ``W[i:j].T``
+    ([K, j - i], x2's dtype; i a multiple of 64).
+
+    A matrix of up to ``_WHOLE_BYTES`` (dequantized) is made whole: per-tile dispatch costs more
+    than it saves there (4096x640 in bf16, 1 thread: 1.7 ms whole for 9 rows, 1.8-1.9 in 1-4 MB
+    tiles; 4.3 vs 5.4 ms for 512 rows). A larger one goes in tiles of ~``_TILE_BYTES``, so that
+    the temporary is one tile, not the matrix, and stays in the cache between its dequantizing
+    and its GEMM: the 262144 x 640 int8 head, 16 rows, bf16: ~130-200 ms in tiles of 1-8 MB, 420
+    ms dequantized whole (a 335 MB temporary); the int4 4096x640 in fp32 (10.5 MB), 512 rows:
+    22 ms in 2-4 MB tiles, 40 ms whole. Inside a compiled graph: whole (no host loop to unroll).
+    Busy machine, one thread: bench/results/quant-rows-xeon.md."""
+    M, K = x2.shape
+    rows = max(_CPU_BLOCK_N, _TILE_BYTES // (K * x2.element_size()) // _CPU_BLOCK_N * _CPU_BLOCK_N)
+    if N * K * x2.element_size() <= _WHOLE_BYTES or torch.compiler.is_compiling():
+        return x2 @ weight_t(0, N)  # [M, N]
+    out = x2.new_empty(M, N)  # [M, N]
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        torch.matmul(x2, weight_t(i, j), out=out[:, i:j])
+    return out
 
 
 def _default_compute_dtype(device: torch.device, act_dtype: torch.dtype) -> torch.dtype:
@@ -91,6 +142,10 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16):
 class Int8Linear(nn.Module):
     """``y = x @ (q * s[:, None]).T`` with q int8 [out, in] and per-output-channel scales s."""
 
+    # Packed kernel up to this many rows, dense route above (:func:`dense_rows`; quant-rows-xeon.md):
+    # bf16, packed ahead at 16 rows, dense at 32 on every shape; fp32 (an fp32 GEMM) packed to 32.
+    DENSE_ROWS: ClassVar[dict[torch.dtype, int]] = {torch.bfloat16: 24, torch.float32: 32}
+
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, *, act_dtype: torch.dtype,
                  compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -113,17 +168,43 @@ class Int8Linear(nn.Module):
         q, s = (self.qweight, self.scales) if rows is None else (self.qweight[rows], self.scales[rows])
         return q.to(dtype) * s.to(dtype)[..., None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.packed_ok and x2.shape[0] <= DENSE_ROWS:
+    def _matmul(self, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, K] @ (q * s[:, None]).T`` -> [M, n] in x2's dtype, for all rows of this
+        weight or a gathered subset of them (:meth:`columns`): one code path, so both give the
+        same numbers. The route by row count: :func:`dense_rows`."""
+        if self.packed_ok and x2.shape[0] <= dense_rows(self, x2.dtype):
             try:
-                y = torch.ops.aten._weight_int8pack_mm(x2.to(self.compute_dtype), self.qweight, self.scales)
-                return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+                return self.packed(x2, q, s)
             except (RuntimeError, NotImplementedError):  # no kernel for this device/dtype
                 self.packed_ok = False
-        y = F.linear(x2, self.dequantize(dtype=x.dtype))
+        return self.dense(x2, q, s)
+
+    def packed(self, x2: torch.Tensor, q: torch.Tensor | None = None, s: torch.Tensor | None = None) -> torch.Tensor:
+        """The packed kernel (bf16 activations on the CPU; each output its own dot product)."""
+        q, s = (self.qweight, self.scales) if q is None else (q, s)
+        return torch.ops.aten._weight_int8pack_mm(x2.to(self.compute_dtype), q, s).to(x2.dtype)  # [M, n]
+
+    def dense(self, x2: torch.Tensor, q: torch.Tensor | None = None, s: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantize on the fly into x2's dtype, tile by tile (:func:`tiled_matmul`), and a dense
+        GEMM. ``q * s`` is exact in fp32 (8-bit q, 8-bit bf16 scale); in bf16 it is rounded once."""
+        q, s = (self.qweight, self.scales) if q is None else (q, s)
+        dt = x2.dtype
+        return tiled_matmul(x2, q.shape[0], lambda i, j: (q[i:j].to(dt) * s[i:j, None].to(dt)).t())  # [M, n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, self.in_features), self.qweight, self.scales)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def columns(self, x2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``forward(x2)[m, idx[m, c]]`` for x2 [M, K] and output indices idx [M, C], reading only
+        the rows named in ``idx`` (their union, once). On the packed kernel each output is its own
+        dot product, so the values equal the full product's bitwise (tests/test_quant_head.py);
+        on the dense fallback, up to the activation dtype's rounding."""
+        if idx.shape[0] == 1:
+            return self._matmul(x2, self.qweight[idx[0]], self.scales[idx[0]])  # [1, C]
+        rows, inv = torch.unique(idx, return_inverse=True)  # [U], [M, C]
+        return self._matmul(x2, self.qweight[rows], self.scales[rows]).gather(1, inv)  # [M, C]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -238,6 +319,10 @@ class Int4Linear(nn.Module):
     :meth:`from_qsz` or :func:`build_int4` (row chunks: no full-size temporaries).
     """
 
+    # As Int8Linear's, later: 4-bit weights cost ~2x as much to dequantize (bf16: packed ahead at
+    # 32 rows, about even at 64; fp32: packed ahead at 64).
+    DENSE_ROWS: ClassVar[dict[torch.dtype, int]] = {torch.bfloat16: 48, torch.float32: 64}
+
     def __init__(self, qweight, scales_and_zeros, out_features: int, in_features: int, group_size: int, *,
                  act_dtype: torch.dtype, compute_dtype: torch.dtype, layout: str, rows_plain=None):
         super().__init__()
@@ -290,47 +375,57 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.packed_ok and (x2.shape[0] <= DENSE_ROWS or self.layout == "cuda"):
+        if self.packed_ok and (x2.shape[0] <= dense_rows(self, x.dtype) or self.layout == "cuda"):
             try:
-                xc = x2.to(self.compute_dtype)
-                if self.layout == "cpu":
-                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.qweight, self.group_size,
-                                                                    self.scales_and_zeros)
-                else:  # CUDA, UNTESTED here (no GPU)
-                    y = torch.ops.aten._weight_int4pack_mm(xc, self.qweight, self.group_size,
-                                                           self.scales_and_zeros)
-                if self.n_pad:
-                    y = y[:, :self.out_features]
-                return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+                return self.packed(x2).reshape(*shape[:-1], self.out_features)
             except (RuntimeError, NotImplementedError):
                 if self.layout == "cuda":
                     raise  # the CUDA layout has no fallback that can read it
                 self.packed_ok = False
+        return self.dense(x2).reshape(*shape[:-1], self.out_features)
+
+    def packed(self, x2: torch.Tensor) -> torch.Tensor:
+        """The packed kernel on x2 [M, K] (bf16 activations on the CPU) -> [M, N] in x2's dtype."""
+        xc = x2.to(self.compute_dtype)
         if self.layout == "cpu":
-            y = torch.matmul(x2, self.dequantize_t(x.dtype))  # [M, K] @ [K, N]
-        else:
-            y = F.linear(x2, self.dequantize(dtype=x.dtype))
-        return y.reshape(*shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.qweight, self.group_size, self.scales_and_zeros)
+        else:  # CUDA, UNTESTED here (no GPU)
+            y = torch.ops.aten._weight_int4pack_mm(xc, self.qweight, self.group_size, self.scales_and_zeros)
+        return (y[:, :self.out_features] if self.n_pad else y).to(x2.dtype)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """Dequantize on the fly into x2's dtype, tile by tile (:func:`tiled_matmul`), and a dense GEMM."""
+        dt = x2.dtype
+        if self.layout == "cpu":
+            return tiled_matmul(x2, self.out_features, lambda i, j: self._dense_tile_t(i, j, dt))
+        dev = self.qweight.device
+        return tiled_matmul(x2, self.out_features, lambda i, j: self.dequantize(torch.arange(i, j, device=dev), dt).t())
 
     def dequantize_t(self, dtype=torch.float32) -> torch.Tensor:
-        """The whole weight, transposed ([K, N], a view of a contiguous [K, N_pad] buffer), from
-        the CPU layout in three vectorized passes: the dense GEMM of a prefill, dequantized on the
-        fly. ``[N/64, K, 32]`` bytes hold rows 64b+j / 64b+32+j in their low / high nibbles, so
-        writing the two nibble planes into ``[K, N/64, 2, 32]`` is the transpose with 32-byte runs
-        (a 512-token 270M prefill: 250 ms of dequantizing via :meth:`dequantize` -> ~50 ms). The
-        planes are written straight in ``dtype`` (q <= 15 is exact there): the multiply-add then
-        runs on one dtype, 25% faster in all than on uint8 q (4096x640, bf16: 1.3 vs 1.7 ms)."""
-        K, g = self.in_features, self.group_size
-        blocks = self.qweight.view(-1, K, 32).permute(1, 0, 2)  # [K, N_pad/64, 32]
-        q = torch.empty(K, blocks.shape[1], 2, 32, dtype=dtype, device=blocks.device)
+        """The whole weight, transposed ([K, N], a view of a contiguous [K, N_pad] buffer)."""
+        return self._dense_tile_t(0, self.out_features, dtype)
+
+    def _dense_tile_t(self, i: int, j: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows i..j-1 (i a multiple of 64), transposed ([K, j - i]), from the CPU layout in three
+        vectorized passes: ``[N/64, K, 32]`` bytes hold rows 64b+j / 64b+32+j in their low / high
+        nibbles, so writing the two nibble planes into ``[K, N/64, 2, 32]`` is the transpose with
+        32-byte runs (a 512-token 270M prefill: 250 ms of dequantizing via :meth:`dequantize` ->
+        ~50 ms). The planes are written straight in ``dtype`` (q <= 15 is exact there), so the
+        multiply-add runs on one dtype: 25% faster than on uint8 q (4096x640, bf16: 1.3 vs 1.7 ms)."""
+        K, g, B = self.in_features, self.group_size, _CPU_BLOCK_N
+        b0, b1 = i // B, -(-j // B)
+        blocks = self.qweight.view(-1, K, 32)[b0:b1].permute(1, 0, 2)  # [K, nb, 32]
+        q = torch.empty(K, b1 - b0, 2, 32, dtype=dtype, device=blocks.device)
         q[:, :, 0] = blocks & 15
         q[:, :, 1] = blocks >> 4
-        s, zz = self._dense_scales(dtype)
-        w = torch.addcmul(zz[:, None, :], q.view(K // g, g, -1), s[:, None, :])  # [K/g, g, N_pad]
-        return w.view(K, -1)[:, :self.out_features]  # [K, N]
+        s, zz = self._dense_scales(dtype)  # [K/g, N_pad] each
+        if b1 - b0 < s.shape[1] // B:  # a tile: its columns, contiguous (see _dense_scales)
+            s, zz = s[:, b0 * B:b1 * B].contiguous(), zz[:, b0 * B:b1 * B].contiguous()
+        w = torch.addcmul(zz[:, None, :], q.view(K // g, g, -1), s[:, None, :])  # [K/g, g, nb * 64]
+        return w.view(K, -1)[:, :j - i]  # [K, j - i]
 
     def _dense_scales(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s, z - 8 s)``, each [K/g, N_pad] contiguous in ``dtype``, for :meth:`dequantize_t`.
+        """``(s, z - 8 s)``, each [K/g, N_pad] contiguous in ``dtype``, for :meth:`_dense_tile_t`.
 
         w = (q - 8) * s + z = q * s + (z - 8 s): one fused multiply-add per weight. z - 8s is
         formed in fp32 and rounded once. Kept after the first prefill (in bf16: a quarter of the
@@ -452,12 +547,14 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = DEFAULT_GRO
 
     One weight is quantized at a time (in row chunks) and its float copy dropped right after, so
     the extra memory is a few chunks, not a second model. Norms are untouched. A linear whose
-    input size is not a multiple of ``group_size`` gets int8 in int4 mode. ``fuse`` then stacks
-    q/k/v and gate/up (:func:`fuse_projections`).
+    input size is not a multiple of ``group_size`` gets int8 in int4 mode. ``mixed``: int8
+    weights, and the int8 head gets a 4-bit screen (:func:`opengemma.quant.head.screen_head`).
+    ``fuse`` then stacks q/k/v and gate/up (:func:`fuse_projections`).
     """
     check_mode(mode)
     from ..model import TiedEmbedding
 
+    weights = "int8" if mode == "mixed" else mode
     targets = [(name, mod) for name, mod in model.named_modules()
                if (isinstance(mod, nn.Linear) and mod.bias is None) or isinstance(mod, TiedEmbedding)]
     with torch.no_grad():
@@ -466,10 +563,14 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = DEFAULT_GRO
             parent = model.get_submodule(parent_name) if parent_name else model
             w = mod.weight.detach()
             emb = isinstance(mod, TiedEmbedding)
-            new = _quantize_weight(w, mode, group_size, w.dtype, compute_dtype, embedding=emb)
+            new = _quantize_weight(w, weights, group_size, w.dtype, compute_dtype, embedding=emb)
             setattr(parent, attr, QuantizedEmbedding(new) if emb else new)
             del w
             mod.weight = None  # drop the float weight now, not when the loop ends
+    if mode == "mixed":
+        from .head import screen_head
+
+        screen_head(model)
     return fuse_projections(model) if fuse else model
 
 

@@ -5,7 +5,7 @@ issue, item 4).
 
 The tensors are the model's ``state_dict()`` (packed weights, scales, norms); the plan names each
 quantized module with what its constructor needs beyond its tensors (kind, shape, group, layout,
-dtypes). Packed layouts belong to the torch build that made them, so cache keys include the torch
+dtypes; for a screened head, :mod:`.head`, its screen and candidate count too). Packed layouts belong to the torch build that made them, so cache keys include the torch
 version.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 from ..config import GemmaConfig
 from ..fusion import adopt_stacked
 from ..errors import OpenGemmaError
+from .head import ScreenedEmbedding
 from .linear import Int4Linear, Int8Linear, QuantizedEmbedding
 
 __all__ = ["from_flat", "to_flat"]
@@ -37,11 +38,15 @@ def _spec(mod: Int8Linear | Int4Linear) -> dict:
 
 def to_flat(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, plan) of a quantized model (see :func:`from_flat`)."""
-    plan = {}
+    plan, parts = {}, set()  # parts: the modules inside an embedding, stored with it
     for name, mod in model.named_modules():
         if isinstance(mod, QuantizedEmbedding):
             plan[name] = {"embedding": True, **_spec(mod.inner)}
-        elif isinstance(mod, (Int8Linear, Int4Linear)) and not name.endswith(".inner") and name != "inner":
+            parts.add(id(mod.inner))
+            if isinstance(mod, ScreenedEmbedding):
+                plan[name].update(screen=_spec(mod.screen), candidates=mod.candidates, max_rows=mod.max_rows)
+                parts.add(id(mod.screen))
+        elif isinstance(mod, (Int8Linear, Int4Linear)) and id(mod) not in parts:
             plan[name] = {"embedding": False, **_spec(mod)}
     return dict(model.state_dict()), plan
 
@@ -70,7 +75,11 @@ def from_flat(config: GemmaConfig, tensors: dict[str, torch.Tensor], plan: dict)
         for name, spec in plan.items():
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            if spec["embedding"]:
+            if spec["embedding"] and "screen" in spec:
+                mod = ScreenedEmbedding(_build(f"{name}.inner.", spec, tensors, used),
+                                        _build(f"{name}.screen.", spec["screen"], tensors, used),
+                                        candidates=spec["candidates"], max_rows=spec["max_rows"])
+            elif spec["embedding"]:
                 mod = QuantizedEmbedding(_build(f"{name}.inner.", spec, tensors, used))
             else:
                 mod = _build(f"{name}.", spec, tensors, used)

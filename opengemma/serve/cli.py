@@ -33,7 +33,7 @@ import sys
 
 from ..errors import OpenGemmaError
 
-QUANTIZE = ("none", "int8", "int4")
+QUANTIZE = ("none", "int8", "int4", "mixed")
 BACKLOG = 2048  # uvicorn's default
 DEFAULT_CONTEXT = 4096
 
