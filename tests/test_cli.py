@@ -334,7 +334,9 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(tmp_path):
     # (threads waiting for each other), 0.2 s with one; the test only needs the reply to start.
     env = {**os.environ, "OPENGEMMA_CHAT_HISTORY": str(history), "TERM": "xterm", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
-    term = _Terminal(["-m", "opengemma", "chat"], env)
+    # -n 4000: a reply long enough that Ctrl-C lands in it even when this test process is starved
+    # for seconds on a loaded machine (a 256-token reply once finished before the key arrived).
+    term = _Terminal(["-m", "opengemma", "chat", "-n", "4000"], env)
     try:
         term.expect(b"you> ")
         os.write(term.fd, b"Tell me a story about a dragon.\r")
