@@ -179,8 +179,8 @@ def write_inputs(args, data: dict, order: list[int], ref: dict, work: Path, hf_d
 def ours_command(args, base: str, work: Path, n_held: int) -> list[str]:
     cmd = [sys.executable, "-m", "opengemma", "train", "rm", "--model", base, "--data", str(work / "pairs.jsonl"),
            "--out", str(work / "ours-run"), "--max-steps", str(args.steps),
-           # `train rm` keeps a pair whose longer side has at most --seq-len + 1 tokens
-           "--seq-len", str(args.max_len - 1), "--micro-batch", str(args.batch), "--global-batch", str(args.batch),
+           # `train rm` keeps a pair whose longer side has at most --seq-len tokens
+           "--seq-len", str(args.max_len), "--micro-batch", str(args.batch), "--global-batch", str(args.batch),
            "--lr", repr(args.lr), "--min-lr", repr(args.min_lr), "--warmup", str(args.warmup), "--schedule", "cosine",
            "--weight-decay", "0", "--grad-clip", str(CLIP), "--dtype", args.dtype, "--device", "cpu",
            "--threads", str(args.threads), "--seed", str(args.seed), "--heldout-pct", repr(args.heldout_pct),

@@ -129,7 +129,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "cache size, 10-15 s once inductor's disk cache has it), later ones reuse it: "
                         "worth it for long generations and servers, not for a short one-off")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (`opengemma train adapter`) "
-                   "merged into MODEL's weights at load time")
+                   "merged into MODEL's weights at load time; 'default' is the chat adapter shipped for the "
+                   "embedded model (its turns end)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -261,12 +262,8 @@ def _new_stats(args):
 def _load(args):
     from .process import load_for_command
 
-    if getattr(args, "adapter", None):
-        from .train.lora import load_with_adapter
-
-        return load_with_adapter(args.model, args.adapter, dtype=args.dtype, device=args.device,
-                                 quantize=args.quantize, compile=args.compile)
-    return load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
+    return load_for_command(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, device=args.device,
+                            quantize=args.quantize, compile=args.compile)
 
 
 def cmd_generate(args) -> int:

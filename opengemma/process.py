@@ -63,13 +63,18 @@ def _set_malloc_thresholds() -> bool:
         return False
 
 
-def load_for_command(model, **kwargs):
-    """:func:`tune`, then ``opengemma.load(model, **kwargs)``: how the commands load a model.
-    (Freezing after ``import torch`` and before the model exists is what keeps the model's own
-    reference cycles collectable.)"""
+def load_for_command(model, adapter=None, **kwargs):
+    """:func:`tune`, then ``opengemma.load(model, **kwargs)``: how the commands load a model, with
+    the LoRA ``adapter`` (a directory, or ``default``) merged in when one is named. (Freezing after
+    ``import torch`` and before the model exists is what keeps the model's own reference cycles
+    collectable.)"""
     import torch  # noqa: F401  -- imported first, so that its objects are the ones frozen
 
     from .api import load
 
+    if adapter:
+        from .train.lora import load_with_adapter
+
+        return load_with_adapter(model, adapter, **kwargs)
     tune()
     return load(model, **kwargs)

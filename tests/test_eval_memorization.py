@@ -50,3 +50,18 @@ def test_loss_is_next_token_cross_entropy():
     logits[0, 0, 2] = 100.0  # predicts token 2 at position 1: right
     tokens = torch.tensor([[0, 2, 1]])  # position 2 predicted uniformly: log 4
     assert float(memorization.next_token_loss(logits, tokens)) == pytest.approx((0 + torch.log(torch.tensor(4.0))) / 2)
+
+
+def test_read_corpus_takes_records_strings_and_text_and_rejects_other_lines(tmp_path):
+    from opengemma.errors import OpenGemmaError
+    from opengemma.eval.memorization import read_corpus
+
+    recs = tmp_path / "a.jsonl"
+    recs.write_text('{"text": "one"}\n\n"two"\n')  # a record, a blank line, a JSON string (oasst prompt files)
+    assert read_corpus(recs) == ["one", "two"]
+    txt = tmp_path / "b.txt"
+    txt.write_text("first line\nsecond\n")
+    assert read_corpus(txt) == ["first line", "second"]
+    recs.write_text('{"text": "one"}\n{"body": "x"}\n')
+    with pytest.raises(OpenGemmaError, match=r"a\.jsonl:2: not a JSON record with a 'text' field"):
+        read_corpus(recs)

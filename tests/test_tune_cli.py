@@ -39,10 +39,11 @@ def _conv(i):
 
 
 def test_sft_lora_export_adapter_generate_and_resume(tmp_path, base, capsys):
-    data = _jsonl(tmp_path / "c.jsonl", [_conv(i) for i in range(20)]
-                  + [{"messages": [{"role": "wizard", "content": "x"}]}], "{broken\n")
+    # two files, read in order and mixed, their skips counted together
+    data = _jsonl(tmp_path / "c.jsonl", [_conv(i) for i in range(12)] + [{"messages": [{"role": "wizard", "content": "x"}]}])
+    data2 = _jsonl(tmp_path / "d.jsonl", [_conv(i) for i in range(12, 20)], "{broken\n")
     run = tmp_path / "run"
-    args = ["train", "sft", "--model", str(base), "--data", str(data), "--out", str(run), "--lora-rank", "4",
+    args = ["train", "sft", "--model", str(base), "--data", str(data), str(data2), "--out", str(run), "--lora-rank", "4",
             "--max-steps", "2", "--filters", "selfid,dedup", "--lr", "1e-3", "--save-every", "1", *FAST]
     assert main(args) == 0
     info = json.loads((run / "run.json").read_text())
@@ -87,17 +88,32 @@ def test_sft_lora_export_adapter_generate_and_resume(tmp_path, base, capsys):
     assert "not a LoRA adapter" in err and "Traceback" not in err
 
 
-def test_rm_export_and_reward_scoring(tmp_path, base, capsys):
+def _sized_pair(tokenizer, n: int) -> dict:
+    """A preference record whose longer side is exactly ``n`` formatted tokens."""
+    from opengemma.chat import format_chat
+
+    for k in range(1, 400):
+        rec = {"prompt": [{"role": "user", "content": "Say a."}],
+               "chosen": [{"role": "assistant", "content": "a" + " a" * k}],
+               "rejected": [{"role": "assistant", "content": "b"}]}
+        if len(format_chat(tokenizer, rec["prompt"] + rec["chosen"], add_generation_prompt=False).ids) == n:
+            return rec
+    raise AssertionError(f"no {n}-token pair")
+
+
+def test_rm_export_and_reward_scoring(tmp_path, base, tokenizer, capsys):
     pairs = [{"prompt": [{"role": "user", "content": f"Is {i} even?"}],
               "chosen": [{"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
               "rejected": [{"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]} for i in range(16)]
     pairs.append({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"})
+    pairs += [_sized_pair(tokenizer, 128), _sized_pair(tokenizer, 129)]  # --seq-len 128: the first fits, not the second
     data = _jsonl(tmp_path / "p.jsonl", pairs)
     run = tmp_path / "rm"
     assert main(["train", "rm", "--model", str(base), "--data", str(data), "--out", str(run), "--max-steps", "2",
                  "--center", "0.01", *FAST]) == 0
     rep = json.loads((run / "rm_report.json").read_text())
-    assert rep["skips"]["by_reason"] == {"identical_sides": 1} and "longer_wins" in rep["baselines"]
+    assert rep["skips"]["by_reason"] == {"identical_sides": 1, "overlong_dropped": 1} and "longer_wins" in rep["baselines"]
+    assert rep["train_pairs"] + rep["heldout_pairs"] == 17
     assert main(["train", "export", str(run), str(tmp_path / "rmdir")]) == 0
     convs = _jsonl(tmp_path / "c.jsonl", [_conv(1), _conv(2)])
     capsys.readouterr()

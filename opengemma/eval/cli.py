@@ -39,6 +39,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quantize", "-q", choices=["none", "int8", "int4", "mixed"], default="none",
                    help="weight-only quantization of the evaluated model (and of --baseline / --judge)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (`opengemma train adapter`) merged into MODEL; 'default' is the chat "
+                        "adapter shipped for the embedded model")
     p.add_argument("--tasks", default=None,
                    help="comma-separated tasks and suites: table6 (report Table 6), h6 (Table 7, leaderboard "
                         "shots), safety (Table 8: real_toxicity_prompts, bold, crows_pairs, bbq_ambig, bbq_disambig, "
@@ -176,8 +179,9 @@ def run_eval(args) -> int:
     if (args.tasks and loaded) or args.memorization or args.sxs:
         from ..process import load_for_command
 
-        g = load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-        out.update(model=g.name, config=g.config.name, dtype=str(g.dtype), device=str(g.device),
+        g = load_for_command(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
+                             quantize=args.quantize)
+        out.update(model=g.name, adapter=args.adapter, config=g.config.name, dtype=str(g.dtype), device=str(g.device),
                    quantize=args.quantize)
     if args.tasks:
         out["data"] = [str(r) for r in source.roots] if source.roots else "huggingface hub"

@@ -26,7 +26,8 @@ from . import metrics
 
 
 def read_corpus(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents of a corpus: JSONL (one record per line, ``text_field``) or plain text (one per line)."""
+    """Documents of a corpus: JSONL (one record per line, ``text_field``, or a JSON string per line as
+    the OpenAssistant prompt files are) or plain text (one per line)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise OpenGemmaError(f"corpus {p}: no such file")
@@ -37,7 +38,8 @@ def read_corpus(path: str | Path, text_field: str = "text") -> list[str]:
                 continue
             if p.suffix == ".jsonl":
                 try:
-                    docs.append(str(json.loads(line)[text_field]))
+                    rec = json.loads(line)
+                    docs.append(rec if isinstance(rec, str) else str(rec[text_field]))
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise OpenGemmaError(f"{p}:{n}: not a JSON record with a {text_field!r} field") from None
             else:

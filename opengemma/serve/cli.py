@@ -73,7 +73,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quantize", "-q", choices=QUANTIZE, default="none",
                    help="weight-only quantization, as for `opengemma generate` (default none)")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter merged into MODEL at load time")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter merged into MODEL at load time ('default': the chat adapter shipped for "
+                        "the embedded model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--max-batch", type=_int_in(1, 4096), default=16,
@@ -123,11 +125,8 @@ def model_id(name: str) -> str:
 def _load(args):
     from ..process import load_for_command
 
-    if getattr(args, "adapter", None):
-        from ..train.lora import load_with_adapter
-
-        return load_with_adapter(args.model, args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    return load_for_command(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return load_for_command(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, device=args.device,
+                            quantize=args.quantize)
 
 
 def _available_bytes(device) -> int | None:

@@ -265,14 +265,29 @@ def save_adapter(dst, model: nn.Module, *, base: str | None = None) -> Path:
     return dst
 
 
+DEFAULT_ADAPTER = "default"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def adapter_dir(name) -> Path:
+    """An ``--adapter`` value as a directory: ``default`` (unless a directory of that name exists
+    here) is the chat adapter shipped inside the package for the embedded model
+    (``opengemma/adapters/default``, trained by ``bench/results/sft-270m``'s run)."""
+    path = Path(name)
+    if str(name) == DEFAULT_ADAPTER and not path.exists():
+        return SHIPPED_DIR / DEFAULT_ADAPTER
+    return path
+
+
 def read_adapter(path) -> tuple[LoRAConfig, dict, dict[str, torch.Tensor]]:
-    """(LoRA config, adapter_config.json, tensors) of an adapter directory; one clear error if not one."""
+    """(LoRA config, adapter_config.json, tensors) of an adapter directory (or ``default``, the
+    shipped one); one clear error if not one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ..checkpoints import read_json_object
 
-    path = Path(path)
+    path = adapter_dir(path)
     if not (path / ADAPTER_CONFIG).is_file():
         raise OpenGemmaError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     info = read_json_object(path / ADAPTER_CONFIG)
@@ -336,7 +351,7 @@ def load_with_adapter(model, adapter, *, dtype=None, device=None, quantize=None,
         quant.quantize_model(g.model, quantize)
     if compile:
         compiled_mod.enable(g.model)
-    g.name = f"{g.name}+{Path(adapter).name}"
+    g.name = f"{g.name}+{'adapter-default' if adapter_dir(adapter).parent == SHIPPED_DIR else Path(adapter).name}"
     return g
 
 

@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, seq_len: int, 
     p.add_argument("--model", "-m", default=None, metavar="CHECKPOINT",
                    help="model to start from: a checkpoint directory or file, or a preset (random init); "
                         "default: the embedded Gemma 3 270M")
-    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training data (JSONL, .gz accepted)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE.jsonl",
+                   help="training data: one or more JSONL files (.gz accepted), read in order and mixed")
     p.add_argument("--out", "-o", required=True, metavar="RUN", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last complete checkpoint")
     p.add_argument("--max-steps", type=_pos, default=steps, help=f"optimizer steps (default {steps})")
@@ -164,6 +165,17 @@ def _lora_config(args):
                       targets=targets)
 
 
+def _read_all(reader, paths):
+    """``reader`` (read_conversations / read_pairs / read_prompts) over several files, in order, with
+    one skip count."""
+    from .prefs import Skips
+
+    skips, out = Skips(), []
+    for path in paths:
+        out += reader(path, skips)[0]
+    return out, skips
+
+
 def _train_config(args):
     from .config import TrainConfig
 
@@ -210,7 +222,7 @@ def _start(args, kind: str, extra: dict, wrap=None):
         params = adapter_parameters(lm) + ([p for n, p in model.named_parameters() if n.startswith("head.")]
                                            if model is not lm else [])
     info = {"kind": "lora" if lcfg is not None and kind != "rm" else kind, "task": kind, "model": origin,
-            "model_config": lm.config.to_dict(), "tokenizer": "tokenizer.model", "data": str(Path(args.data).resolve()),
+            "model_config": lm.config.to_dict(), "tokenizer": "tokenizer.model", "data": [str(Path(d).resolve()) for d in args.data],
             "argv": sys.argv[1:], **extra}
     if lcfg is not None:
         info["lora"] = lcfg.to_dict()
@@ -260,9 +272,9 @@ def run_sft(args) -> int:
     from .prefs import read_conversations
 
     filters = [] if args.filters.strip() == "none" else [f.strip() for f in args.filters.split(",") if f.strip()]
-    convs, skips = read_conversations(args.data)  # before the model: a bad file fails fast
+    convs, skips = _read_all(read_conversations, args.data)  # before the model: a bad file fails fast
     if not convs:
-        raise OpenGemmaError(f"{args.data}: no usable conversation (skipped: {skips.summary()})")
+        raise OpenGemmaError(f"{' '.join(args.data)}: no usable conversation (skipped: {skips.summary()})")
     model, tok, lcfg, params, run_dir, _ = _start(args, "sft", {"filters": filters})
     cfg = _train_config(args)
     policy = {"sensitive": "drop", "personal": args.pii_personal}
@@ -313,15 +325,15 @@ def run_rm(args) -> int:
     from .prefs import read_pairs
     from .sft import in_heldout
 
-    pairs, skips = read_pairs(args.data)
+    pairs, skips = _read_all(read_pairs, args.data)
     if not pairs:
-        raise OpenGemmaError(f"{args.data}: no usable preference pair (skipped: {skips.summary()})")
+        raise OpenGemmaError(f"{' '.join(args.data)}: no usable preference pair (skipped: {skips.summary()})")
     gen = torch.Generator().manual_seed(args.seed)
     model, tok, _, params, run_dir, _ = _start(
         args, "rm", {"center": args.center, "heldout": f"blake2b-64(chosen token ids) < {args.heldout_pct}%"},
         wrap=lambda lm: reward.RewardModel(lm, generator=gen))
     cfg = _train_config(args).resolved(1)
-    enc = reward.encode_pairs(tok, pairs, cfg.seq_len + 1, skips)
+    enc = reward.encode_pairs(tok, pairs, cfg.seq_len, skips)  # no shift: the whole sequence is input
     held = [p for p in enc if in_heldout(p.chosen, args.heldout_pct)][:args.val_pairs]
     train = [p for p in enc if not in_heldout(p.chosen, args.heldout_pct)]
     pad = max(0, getattr(tok, "pad_id", 0))
@@ -370,11 +382,11 @@ def run_rl(args) -> int:
     from .loop import fit
     from .prefs import read_prompts
 
-    prompts, skips = read_prompts(args.data)
+    prompts, skips = _read_all(read_prompts, args.data)
     if not prompts:
-        raise OpenGemmaError(f"{args.data}: no usable prompt (skipped: {skips.summary()})")
+        raise OpenGemmaError(f"{' '.join(args.data)}: no usable prompt (skipped: {skips.summary()})")
     if args.reward == "gsm8k" and not all("answer" in p.meta for p in prompts):
-        raise OpenGemmaError(f"--reward gsm8k needs GSM8K records with an 'answer' in {args.data}")
+        raise OpenGemmaError(f"--reward gsm8k needs GSM8K records with an 'answer' in {' '.join(args.data)}")
     if args.reward != "gsm8k":
         from .reward import is_reward_model
 
