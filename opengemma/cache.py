@@ -260,7 +260,9 @@ class CacheStep:
             B, dev = slots.shape[0], slots.device
             self._index[key] = (torch.arange(B, device=dev).view(B, 1, 1),
                                 torch.arange(new.shape[1], device=dev).view(1, -1, 1), slots[:, None, :])
-        cache_t.index_put_(self._index[key], new)  # indices broadcast to [B, KV, T]
+        # .to: a no-op except under autocast (a bf16 training run sampling from fp32 master
+        # weights), where v arrives in bf16 and k, past its fp32 norm and RoPE, in fp32
+        cache_t.index_put_(self._index[key], new.to(cache_t.dtype))  # indices broadcast to [B, KV, T]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store layer ``layer``'s new keys/values [B, KV, T, D]; return (keys, values, mask) to

@@ -134,10 +134,12 @@ class GenerationStats:
     ``prefill_s``: from the call's start to the first sampled token (the prompt's forward);
     ``decode_s``: from there to the last token, including the time the caller spends between
     streamed pieces. ``forwards`` counts decode forwards; with speculation each verifies
-    ``drafted`` tokens in all, ``accepted`` of them kept."""
+    ``drafted`` tokens in all, ``accepted`` of them kept. ``stopped`` counts the rows that ended on a
+    stop token or string (the others ran out of tokens)."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    stopped: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     forwards: int = 0
@@ -510,6 +512,7 @@ class GenerationClock:
         t1 = self.t1 if self.t1 is not None else end
         s.prompt_tokens = sum(r.prompt_tokens for r in self.rows)
         s.generated_tokens = sum(r.completion_tokens for r in self.rows)
+        s.stopped = sum(r.finish_reason == "stop" for r in self.rows)
         s.rows = len(self.rows)
         s.prefill_s, s.decode_s = t1 - self.t0, end - t1
         s.forwards, s.speculate, s.drafted, s.accepted = self.forwards, self.speculate, self.drafted, self.accepted

@@ -115,3 +115,24 @@ def test_hub_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(OpenGemmaError, match="datasets"):
         get_task("piqa").load(DataSource(None))
+
+
+def test_respond_counts_turns_that_end_and_the_table_shows_them():
+    class Scripted:  # chat() fills the stats as opengemma's generation does
+        def __init__(self, ends):
+            self.ends = iter(ends)
+
+        def chat(self, messages, *, max_new_tokens, stats):
+            ended, n = next(self.ends)
+            stats.generated_tokens, stats.stopped = n, int(ended)
+            return f"reply to {messages[-1]['content']}"
+
+    replies = sxs.respond(Scripted([(True, 5), (False, 16), (True, 3)]), ["a", "b", "c"], max_new_tokens=16)
+    assert [(r.text, r.ended, r.tokens) for r in replies] == [("reply to a", True, 5), ("reply to b", False, 16),
+                                                              ("reply to c", True, 3)]
+    summary = sxs.reply_summary(replies)
+    assert summary == {"n": 3, "ended": 2, "ended_share": 2 / 3, "mean_tokens": 8.0}
+    res = sxs.side_by_side(["a", "b", "c"], ["x", "y", "z"], ["u", "v", "w"], lambda p: "tie")
+    res["replies"] = {"test": summary, "baseline": sxs.reply_summary([]), "max_new_tokens": 16}
+    table = report.sxs_table("m vs b", res)
+    assert "turn ended (before 16 tokens)" in table and "| test     | 2/3" in table and "8.0" in table

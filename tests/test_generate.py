@@ -298,6 +298,7 @@ def test_stats_count_tokens_forwards_and_time():
     generate(model, FakeTokenizer(), [[BOS], [BOS, 5, 6]], GenerationConfig(max_new_tokens=6), stats=stats)
     # 4 + 6 sampled tokens (EOS included), 6 steps: one prefill, 5 decode forwards.
     assert (stats.prompt_tokens, stats.generated_tokens, stats.rows, stats.forwards) == (4, 10, 2, 5)
+    assert stats.stopped == 1  # the first row ended on EOS, the second ran out of tokens
     assert stats.decode_tokens == 8 and stats.speculate == 0 and stats.acceptance is None
     assert stats.prefill_s > 0 and stats.decode_s > 0
     assert "decode: 8 tokens in" in stats.summary() and "speculation" not in stats.summary()
@@ -419,3 +420,14 @@ def test_sampler_errors_on_nan_become_the_nonfinite_error(monkeypatch):
     monkeypatch.setattr(gen_mod, "sample_next_token", broken_sampler)
     with pytest.raises(RuntimeError, match="sampler bug"):
         generate(scripted(["abc"], [1]), FakeTokenizer(), [[BOS]], GenerationConfig(max_new_tokens=3))
+
+
+def test_generation_under_bf16_autocast_samples_from_fp32_weights():
+    # A bf16 training run samples (eval replies, RL rollouts) from its fp32 master weights inside
+    # torch.autocast: the projections then give bf16 values (and keys in fp32 past their norm and
+    # RoPE) that the fp32 cache takes; the tokens are those of a bf16 model, near enough.
+    model = tiny_model("tiny-gemma3")
+    p = prompt(3, 9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_tokens(model, [p], 8)
+    assert len(out[0]) == 8 and all(0 <= t < model.config.vocab_size for t in out[0])

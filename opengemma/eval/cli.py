@@ -265,7 +265,7 @@ def _skip(failed: dict, name: str, error: Exception) -> None:
 def _run_sxs(g, args) -> dict:
     from ..api import load
     from ..train.reward import is_reward_model
-    from .sxs import EndpointJudge, ModelJudge, RewardJudge, respond, side_by_side
+    from .sxs import EndpointJudge, ModelJudge, RewardJudge, reply_summary, respond, side_by_side
 
     if not args.baseline or not args.judge:
         raise OpenGemmaError("--sxs needs --baseline MODEL and --judge MODEL|URL")
@@ -282,8 +282,13 @@ def _run_sxs(g, args) -> dict:
     else:
         judge = ModelJudge(load(args.judge, dtype=args.dtype, device=args.device, quantize=args.quantize))
     bar = _bar(len(prompts), "side-by-side")
-    res = side_by_side(prompts, test, baseline, judge, seed=args.seed, progress=bar.update)
+    res = side_by_side(prompts, [r.text for r in test], [r.text for r in baseline], judge, seed=args.seed,
+                       progress=bar.update)
     bar.close()
+    for rec, t, b in zip(res["records"], test, baseline):
+        rec["responses"] = {"test": t.text, "baseline": b.text}
+    res["replies"] = {"test": reply_summary(test), "baseline": reply_summary(baseline),
+                      "max_new_tokens": args.max_new_tokens}
     res["baseline"] = args.baseline
     res["judge"] = args.judge_model or args.judge
     return res

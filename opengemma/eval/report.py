@@ -148,11 +148,18 @@ def compare(runs: list[dict]) -> str:
 
 
 def sxs_table(name: str, res: dict) -> str:
-    """Table 5 layout: model | win rate | win/tie/loss (with the 95% CI of the win rate)."""
+    """Table 5 layout: model | win rate | win/tie/loss (with the 95% CI of the win rate); then, when
+    the replies were counted, how many of each model's turns ended before the token cap."""
     lo, hi = res["ci95"]
     rows = [[name, f"{100 * res['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]",
              f"{res['win']}/{res['tie']}/{res['loss']}", str(res["n"])]]
-    return _grid(["Model", "Win rate [95% CI]", "Win/Tie/Loss", "n"], rows)
+    out = _grid(["Model", "Win rate [95% CI]", "Win/Tie/Loss", "n"], rows)
+    if "replies" in res:
+        cap = res["replies"].get("max_new_tokens")
+        out += "\n\n" + _grid(["Replies", f"turn ended (before {cap} tokens)", "mean tokens"],
+                               [[side, f"{r['ended']}/{r['n']}", f"{r['mean_tokens']:.1f}"]
+                                for side, r in res["replies"].items() if isinstance(r, dict)])
+    return out
 
 
 def memorization_table(results: dict) -> str:

@@ -21,6 +21,7 @@ import random
 import re
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ..errors import OpenGemmaError
 from . import metrics
@@ -124,8 +125,31 @@ def _judge_pair(judge, prompt: str, a: str, b: str) -> tuple[str, list[float] | 
     return parse_verdict(judge(RUBRIC.format(prompt=prompt, a=a, b=b))), None
 
 
-def respond(gemma, prompts: Sequence[str], max_new_tokens: int = 256) -> list[str]:
-    return [gemma.chat([{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    ended: bool  # the model ended its turn (<end_of_turn> / <eos>) before max_new_tokens cut it
+    tokens: int  # sampled tokens, the stop token included
+
+
+def respond(gemma, prompts: Sequence[str], max_new_tokens: int = 256) -> list[Reply]:
+    """Each prompt answered greedily as one user turn."""
+    from ..generate import GenerationStats
+
+    out = []
+    for p in prompts:
+        st = GenerationStats()
+        text = gemma.chat([{"role": "user", "content": p}], max_new_tokens=max_new_tokens, stats=st)
+        out.append(Reply(text, st.stopped == 1, st.generated_tokens))
+    return out
+
+
+def reply_summary(replies: Sequence[Reply]) -> dict:
+    """How a model's replies ended: the share that closed their turn, and their mean length."""
+    n = len(replies)
+    ended = sum(r.ended for r in replies)
+    return {"n": n, "ended": ended, "ended_share": ended / n if n else 0.0,
+            "mean_tokens": sum(r.tokens for r in replies) / n if n else 0.0}
 
 
 def side_by_side(prompts: Sequence[str], test: Sequence[str], baseline: Sequence[str],
