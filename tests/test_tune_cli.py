@@ -81,6 +81,13 @@ def test_sft_lora_export_adapter_generate_and_resume(tmp_path, base, capsys):
 
     merged = lora.load_adapter(tiny_model(cfg), tmp_path / "ad")  # any base values: compare deltas
     assert not lora.lora_modules(merged)
+    # --dtype bf16: half the bytes, and the same merge up to bf16 rounding of the adapter
+    assert main(["train", "adapter", str(run), str(tmp_path / "ad16"), "--dtype", "bf16"]) == 0
+    size = lambda d: (d / lora.ADAPTER_WEIGHTS).stat().st_size
+    assert size(tmp_path / "ad16") < 0.6 * size(tmp_path / "ad")
+    merged16 = lora.load_adapter(tiny_model(cfg), tmp_path / "ad16")
+    for (k, a), b in zip(merged.state_dict().items(), merged16.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0, msg=k)
     capsys.readouterr()
     assert main(["generate", "--model", str(base), "--adapter", str(tmp_path / "ad"), "hi", "-n", "3"]) == 0
     assert main(["generate", "--model", str(base), "--adapter", str(tmp_path), "hi", "-n", "3"]) == 1

@@ -246,8 +246,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # -- files ------------------------------------------------------------------------------------------
-def save_adapter(dst, model: nn.Module, *, base: str | None = None) -> Path:
-    """``dst/adapter.safetensors`` (adapters only) and ``dst/adapter_config.json`` (rank, alpha,
+def save_adapter(dst, model: nn.Module, *, base: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """``dst/adapter.safetensors`` (adapters only, in ``dtype`` if given: bf16 halves an fp32
+    adapter and loads back into fp32 for the merge) and ``dst/adapter_config.json`` (rank, alpha,
     targets, the base model's config for the compatibility check, and where the base came from)."""
     from safetensors.torch import save_file
 
@@ -258,7 +259,7 @@ def save_adapter(dst, model: nn.Module, *, base: str | None = None) -> Path:
         raise OpenGemmaError("the model has no LoRA adapters to save")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.to("cpu", dtype or v.dtype).contiguous() for k, v in adapter_state_dict(model).items()}
     atomic_write(dst / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     info = {"format": FORMAT, "lora": cfg.to_dict(), "base_config": model.config.to_dict(), "base": base}
     atomic_write_bytes(dst / ADAPTER_CONFIG, (json.dumps(info, indent=1) + "\n").encode())

@@ -133,6 +133,8 @@ def add_tune_parsers(verbs) -> None:
     a.add_argument("run", metavar="RUN")
     a.add_argument("dst", metavar="DST")
     a.add_argument("--step", type=_pos, default=None)
+    a.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="tensor dtype of the written adapter (bf16: half the size; default fp32)")
     a.set_defaults(train_run=run_adapter)
 
 
@@ -459,7 +461,10 @@ def run_adapter(args) -> int:
     if "lora" not in run or run.get("kind") == "rm":
         raise OpenGemmaError(f"{run_dir}: not a LoRA policy run (train with --lora-rank R)")
     model = rebuild(run_dir, run, checkpoint_of(run_dir, args.step))
-    dst = save_adapter(args.dst, model, base=(run.get("model") or {}).get("path") or (run.get("model") or {}).get("preset"))
+    import torch
+
+    dst = save_adapter(args.dst, model, base=(run.get("model") or {}).get("path") or (run.get("model") or {}).get("preset"),
+                       dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     print(f"wrote {dst}", file=sys.stderr)
     return 0
 
