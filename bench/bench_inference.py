@@ -147,7 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(inference_engines.CHAT_PROMPTS, four user turns in the chat format) one after the "
                         "other, --decode-tokens each (chat)")
     p.add_argument("--speculate", type=int, default=8, metavar="K",
-                   help="most drafted tokens per forward of the speculative engines (*-spec)")
+                   help="most drafted tokens per forward of the speculative engines (*-spec, *-draft)")
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="the draft head of the *-draft engines (opengemma train draft; they are skipped without)")
     p.add_argument("--quick", action="store_true",
                    help="fast smoke run: shorter prompt and decode, fewer repetitions (figures are "
                         "noisier and not comparable to a full run)")
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl_path = Path(args.ppl_text)
     ppl_text = ppl_path.read_text(errors="replace")[:40000] if ppl_path.is_file() else None
     settings = {"gguf": gguf, "threads": args.threads, "prompt_tokens": P, "decode_tokens": D,
-                "speculate": args.speculate, "decode_prompts": args.decode_prompts,
+                "speculate": args.speculate, "draft": args.draft, "decode_prompts": args.decode_prompts,
                 "ppl_tokens": args.ppl_tokens, "ppl_text": ppl_text,
                 "ppl_source": str(ppl_path) if ppl_text else "the prompt's paragraphs"}
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -14,7 +14,8 @@ pays for torch.
 Engines: the opengemma variants of :data:`VARIANTS` (one class, parameterised by dtype,
 quantization and compilation; ``opengemma`` in fp32 is the reference of prompt ids and greedy
 tokens), the speculative engines of :data:`SPECULATIVE` (a variant decoding with prompt-lookup
-speculation, ``opengemma.speculative``), and the peers of ``inference_peers.py``: Hugging Face
+speculation, ``opengemma.speculative``; those of :data:`DRAFTED` with a trained draft head,
+``opengemma.draft``), and the peers of ``inference_peers.py``: Hugging Face
 transformers (the GGUF dequantized to fp32) and llama.cpp through llama-cpp-python (the Q4_K_M file
 as it is).
 """
@@ -48,6 +49,11 @@ VARIANTS = {
 # generate --speculate K` runs). Its prefill, perplexity and cold start are the variant's.
 SPECULATIVE = {f"{v}-spec": v for v in ("opengemma", "opengemma-bf16", "opengemma-int8", "opengemma-mixed")
                if v in VARIANTS}
+# Draft-head engines: "<variant>-draft" decodes as "-spec" does, with the trained draft head of the
+# settings' "draft" directory (bench_inference --draft DIR; `opengemma generate --draft DIR`) instead
+# of prompt lookup; skipped without one. bf16 first: there a k + 1-row forward costs ~1.1x one row.
+DRAFTED = {f"{v}-draft": v for v in ("opengemma-bf16", "opengemma-mixed-bf16", "opengemma") if v in VARIANTS}
+SPECULATIVE.update(DRAFTED)
 ENGINES = (*VARIANTS, *SPECULATIVE, "transformers", "llama.cpp")
 REFERENCE = "opengemma"  # fp32: its prompt ids are every engine's input, its greedy tokens the reference
 
@@ -243,17 +249,26 @@ class _OpenGemma:
 
 
 class _OpenGemmaSpec(_OpenGemma):
-    """A variant decoding speculatively: ``SpeculativeDecoder`` (prompt-lookup drafts, adaptive
-    draft length, at most ``speculate`` per forward) over a cache with spare ring slots, greedy.
-    Each forward is timed and its time spread over the tokens it yields, so the per-token times
-    sum to the loop's time as the plain decode's do; ``last_decode_stats`` holds the forwards,
-    drafted and accepted tokens of the latest decode."""
+    """A variant decoding speculatively: ``SpeculativeDecoder`` (prompt-lookup drafts, or for a
+    ``-draft`` engine the draft head's, adaptive draft length, at most ``speculate`` per forward)
+    over a cache with spare ring slots, greedy. Each forward is timed (drafting included) and its
+    time spread over the tokens it yields, so the per-token times sum to the loop's time as the
+    plain decode's do; ``last_decode_stats`` holds the forwards, drafted and accepted tokens of the
+    latest decode."""
 
     def __init__(self, s: dict, engine: str):
+        self.drafter = None
+        if engine in DRAFTED and not s.get("draft"):
+            raise Skipped("a draft-head engine needs --draft DIR (opengemma train draft)")
         super().__init__(s, engine)
         self.k = s["speculate"]
         self.info["speculate"] = self.k
         self.last_decode_stats = None
+        if engine in DRAFTED:
+            from opengemma.draft import load_drafter
+
+            self.drafter = load_drafter(s["draft"], self.g.model)
+            self.info["draft"] = str(s["draft"])
 
     def _new_cache(self, max_len: int):
         from opengemma.speculative import SpeculativeDecoder
@@ -264,10 +279,14 @@ class _OpenGemmaSpec(_OpenGemma):
         from opengemma.generate import GenerationConfig
         from opengemma.speculative import SpeculativeDecoder
 
-        logits = self.prefill(ids, max_len)
+        if self.cache_for != max_len:
+            self.cache, self.cache_for = self._new_cache(max_len), max_len
+        dec = SpeculativeDecoder(self.g.model, self.cache, GenerationConfig(speculate=self.k), ids,
+                                 drafter=self.drafter)
+        logits = dec.prefill()  # untimed, as the plain decode's prefill (a draft head reads the prompt's states)
         t = time.perf_counter()
         out = [int(logits.argmax(-1))]  # as the plain decode's first step: from the prefill's logits
-        dec = SpeculativeDecoder(self.g.model, self.cache, GenerationConfig(speculate=self.k), ids + out)
+        dec.context += out
         times = []
         first = time.perf_counter() - t  # the argmax and the set-up go to the first forward's tokens
         while len(out) <= steps:

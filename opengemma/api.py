@@ -118,9 +118,9 @@ class Gemma:
     def _stream_ids(self, ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop: str | list[str] | None = None, speculate: int = 0,
-                    stats: "gen_mod.GenerationStats | None" = None) -> Iterator[str]:
+                    stats: "gen_mod.GenerationStats | None" = None, drafter=None) -> Iterator[str]:
         gen = self._gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop, speculate)
-        return gen_mod.stream_text(self.model, self.tokenizer, ids, gen, stats=stats)
+        return gen_mod.stream_text(self.model, self.tokenizer, ids, gen, stats=stats, drafter=drafter)
 
     def chat(self, messages: list[dict], *, stream: bool = False, **kwargs) -> str | Iterator[str]:
         """Reply to a conversation (``[{"role": "user", "content": ...}, ...]``) as the model turn."""

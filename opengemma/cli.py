@@ -101,6 +101,7 @@ def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False, what:
 MAX_TOP_K = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_SPECULATE = 64  # generate.MAX_SPECULATE
+DRAFT_SPECULATE = 4  # --draft without --speculate
 
 _positive_int = int_range(1)
 seed_type = int_range(SEED_MIN, SEED_MAX, span="[-2**63, 2**64)")
@@ -160,6 +161,11 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true",
                    help="after generating, print to stderr: tokens, prefill and decode speed (tokens/s), and "
                         "with --speculate the share of guessed tokens accepted and tokens per forward")
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="speculate with a trained draft head (`opengemma train draft`; DIR or its run directory) "
+                        "instead of prompt lookup: it predicts the model's next tokens from the model's own last "
+                        f"hidden state. Lossless as --speculate; --speculate K sets the drafts per forward "
+                        f"(default {DRAFT_SPECULATE} with --draft)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,9 +251,11 @@ def _read_prompt(text: str) -> str:
 
 def _sampling(args, g, stats=None) -> dict:
     # -n is cut to the context here; generation then cuts it to what the prompt leaves.
+    drafter = getattr(args, "drafter", None)
     return dict(max_new_tokens=min(args.max_new_tokens, g.config.context_length), temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, speculate=args.speculate,
-                stats=stats)
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                speculate=args.speculate or (DRAFT_SPECULATE if drafter is not None else 0), stats=stats,
+                **({"drafter": drafter} if drafter is not None else {}))
 
 
 def _new_stats(args):
@@ -262,8 +270,13 @@ def _new_stats(args):
 def _load(args):
     from .process import load_for_command
 
-    return load_for_command(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, device=args.device,
-                            quantize=args.quantize, compile=args.compile)
+    g = load_for_command(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, device=args.device,
+                         quantize=args.quantize, compile=args.compile)
+    if getattr(args, "draft", None):  # the draft head for this model (checked against its config)
+        from .draft import load_drafter
+
+        args.drafter = load_drafter(args.draft, g.model)
+    return g
 
 
 def cmd_generate(args) -> int:

@@ -7,13 +7,18 @@ prefix of the drafts plus one token of the model's own: 1 to k + 1 tokens per fo
 output the model alone would give.
 
 * :class:`Drafter` -- the interface: ``propose(context_ids, k)`` -> up to k token ids continuing
-  the context. :class:`PromptLookupDrafter` (prompt lookup / n-gram copying) needs no model; a
-  trained draft head plugs in through the same method.
+  the context. :class:`PromptLookupDrafter` (prompt lookup / n-gram copying) needs no model.
+  A :class:`FeatureDrafter` (the trained draft head of :mod:`opengemma.draft`) also sees the
+  target's final hidden states: the decoder runs the target through a :class:`FeatureTap` (its
+  two halves, ``head(trunk(...))``, keeping the hidden states) and hands the drafter those of
+  every position it keeps (``observe``), from the prefill on; ``begin`` starts a sequence, and
+  ``draft_probs`` gives the distribution q the drafts were drawn from, when they were drawn.
 * :func:`verify` -- the acceptance rule over the target's logits [k + 1, V]. Greedy: keep drafts
   while each equals the target's argmax, then emit the argmax where they part. Sampling: the rule
   of Leviathan et al. and Chen et al. (2023): keep draft x with probability min(1, p(x) / q(x)),
-  on rejection draw from norm(max(0, p - q)); a deterministic drafter's q is one-hot on x, so x
-  is kept with probability p(x) and a rejection draws from p with x removed. Every emitted token
+  on rejection draw from norm(max(0, p - q)), with the drafter's q when it gives one; a
+  deterministic drafter's q is one-hot on x, so x is kept with probability p(x) and a rejection
+  draws from p with x removed. Every emitted token
   is thus distributed exactly as p, the distribution plain decoding samples from
   (:func:`opengemma.sampling.sampling_probs`: temperature, top-k, top-p), with the call's one
   explicit ``torch.Generator``.
@@ -31,6 +36,25 @@ output the model alone would give.
   every draft, down by 1 (to 1) after one that did not, so a run of bad guesses costs one extra
   row per forward, not k. (On a CPU an extra row is not free: the embedded 270M's tied head over
   9 rows took 3.5-4x one row's time in fp32, int8 and int4, 1.1x in bf16; one thread, busy machine.)
+
+CPU cost profile of drafting with a trained head (:mod:`opengemma.draft`), embedded 270M, one
+thread, a machine busy with other work (load ~2.7 on 2 cores; ratios, not absolute times):
+
+  ===============  ============  =================  ================  =======================
+  target dtype     1-row step    5 rows / 9 rows    one draft step    k = 4 drafts (4 steps)
+  ===============  ============  =================  ================  =======================
+  bf16             124 ms        ~1.0x / ~1.0x      10.5 ms (8.5%)    44 ms (35%)
+  mixed, bf16 act  53 ms         1.63x / 2.30x      8 ms (15%)        31-34 ms (60%)
+  fp32             118 ms        2.1x / 3.1x        15 ms (12%) *     53 ms (44%) *
+  ===============  ============  =================  ================  =======================
+
+  (* with fp32 head rows; the int8 rows the drafter uses on the CPU made bf16's k = 4 ~20% cheaper)
+
+A forward with k drafts thus costs about ``rows(k + 1) + k * draft`` plain steps: 1.35 in bf16
+and 2.2 in mixed mode at k = 4, which the tokens per forward, (1 - a^(k+1)) / (1 - a) at
+per-draft acceptance a, must beat (a = 0.6: 2.3; a = 0.75: 3.0). bf16 is where drafting pays
+most relative to its own plain decoding (verification rows are nearly free there); whether
+bf16 + draft beats plain mixed-bf16 (2.3x faster per step here) depends on the acceptance.
 
 Exactness: greedy output equals plain greedy decoding's except where the top two logits are
 within float rounding of each other, since a forward over several tokens does the same math in a
@@ -63,6 +87,53 @@ class Drafter(Protocol):
     decoding costs). Proposals affect only speed, never the output."""
 
     def propose(self, context_ids: Sequence[int], k: int) -> list[int]: ...
+
+
+@runtime_checkable
+class FeatureDrafter(Drafter, Protocol):
+    """A drafter that also reads the target's final hidden states (EAGLE-style draft heads).
+
+    ``begin(max_len, gen, generator)`` starts a sequence whose target cache holds ``max_len``
+    positions, decoded with ``gen`` (the drafter may sample its drafts with ``generator``);
+    ``observe(hidden)`` gets the hidden states [n, d] of the next n positions of the sequence, in
+    order: the whole prompt after the prefill, then after each forward the fed token's and the
+    accepted drafts'. At each ``propose`` the context is one token longer than the states observed
+    so far (its last token has not been through the target yet). ``draft_probs()`` is the
+    distribution q [n, V] the latest proposal's drafts were drawn from, or None for drafts that
+    are a deterministic function of the context (then q is one-hot on each draft)."""
+
+    def begin(self, max_len: int, gen: GenerationConfig, generator: torch.Generator | None) -> None: ...
+
+    def observe(self, hidden: torch.Tensor) -> None: ...
+
+    def draft_probs(self) -> torch.Tensor | None: ...
+
+
+class FeatureTap:
+    """The target as generation calls it (``tap(tokens, pos, cache, logits_at=None)`` -> logits),
+    computed as ``head(trunk(...))`` like :meth:`GemmaModel.forward`, keeping each forward's
+    hidden states [1, T, d] until :meth:`take` (a single-row cache: speculative decoding's)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.final_norm = model, model.config, model.final_norm
+        self._hidden: list[torch.Tensor] = []
+
+    def make_cache(self, *args, **kwargs) -> KVCache:
+        return self.model.make_cache(*args, **kwargs)
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.model.trunk(tokens, input_pos, cache)  # [1, T, d]
+        self._hidden.append(h)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # [1, 1, d]
+        return self.model.head(h)
+
+    def take(self) -> torch.Tensor:
+        """The hidden states [T, d] of the forwards since the last call, in order."""
+        rows = torch.cat([h[0] for h in self._hidden], dim=0) if len(self._hidden) > 1 else self._hidden[0][0]
+        self._hidden.clear()
+        return rows
 
 
 class PromptLookupDrafter:
@@ -131,9 +202,11 @@ class Verified:
 
 
 def verify(logits: torch.Tensor, drafts: Sequence[int], gen: GenerationConfig,
-           generator: torch.Generator | None) -> Verified:
+           generator: torch.Generator | None, draft_probs: torch.Tensor | None = None) -> Verified:
     """The acceptance rule (module docstring) for logits [len(drafts) + 1, V], row i being the
-    target's next-token logits after the fed token and ``drafts[:i]``."""
+    target's next-token logits after the fed token and ``drafts[:i]``. ``draft_probs`` [>= len(drafts), V]:
+    the distribution q each draft was drawn from (None: drafts chosen deterministically, q one-hot);
+    greedy decoding ignores it."""
     drafts = list(drafts)
     if gen.temperature == 0:  # greedy, as sample_next_token: argmax, no randomness
         # A non-finite row reads -1: the flags ride on the one host sync with the argmaxes.
@@ -152,14 +225,23 @@ def verify(logits: torch.Tensor, drafts: Sequence[int], gen: GenerationConfig,
     nd, n = min(len(drafts), usable), 0
     if nd:
         dev = logits.device
-        p_draft = probs[torch.arange(nd, device=dev), torch.tensor(drafts[:nd], device=dev)]  # [nd]
+        rows, xs = torch.arange(nd, device=dev), torch.tensor(drafts[:nd], device=dev)  # [nd], [nd]
+        p_draft = probs[rows, xs].double()  # [nd]
         u = torch.rand(nd, dtype=torch.float64, generator=generator, device=dev)  # [nd], in [0, 1)
-        keep = (u < p_draft.double()).tolist()  # kept with probability p(x) exactly
+        if draft_probs is None:
+            keep = (u < p_draft).tolist()  # kept with probability p(x) exactly
+        else:  # u < p / q without the division: kept with probability min(1, p(x) / q(x))
+            keep = (u * draft_probs[rows, xs].double() < p_draft).tolist()
         n = keep.index(False) if not all(keep) else nd
     if n == usable:  # every usable row kept its draft; the next row is not finite
         return Verified(drafts[:n], n, complete=False)
     row = probs[n:n + 1]  # [1, V]
-    if n < len(drafts):  # rejected: draw from norm(max(0, p - onehot(x))), p without x
+    if n < len(drafts) and draft_probs is not None:  # rejected: draw from norm(max(0, p - q))
+        residual = (row.double() - draft_probs[n:n + 1].double()).clamp_min_(0.0)  # [1, V]
+        # All zero: p <= q everywhere, so p == q up to rounding and the rejection itself was
+        # rounding; p is then the residual's limit.
+        row = residual if bool(residual.any()) else row
+    elif n < len(drafts):  # rejected: draw from norm(max(0, p - onehot(x))), p without x
         x = drafts[n]
         row = row.clone()
         row[0, x] = 0.0
@@ -169,15 +251,17 @@ def verify(logits: torch.Tensor, drafts: Sequence[int], gen: GenerationConfig,
 
 
 def speculative_step(model, cache: KVCache, last: int, position: int, drafts: Sequence[int],
-                     gen: GenerationConfig, generator: torch.Generator | None) -> Verified:
+                     gen: GenerationConfig, generator: torch.Generator | None,
+                     draft_probs: torch.Tensor | None = None) -> Verified:
     """Feed ``last`` at ``position`` and ``drafts`` after it (row 0 of ``cache``) in one forward,
-    apply :func:`verify`, and roll the rejected drafts' positions back out of the cache."""
+    apply :func:`verify` (``draft_probs``: the drafter's q, if any), and roll the rejected drafts'
+    positions back out of the cache."""
     drafts = list(drafts)
     device = cache.device
     tokens = torch.tensor([[last, *drafts]], dtype=torch.long, device=device)  # [1, T]
     pos = torch.arange(position, position + len(drafts) + 1, device=device)[None]  # [1, T]
     logits = model(tokens, pos, cache)[0]  # [T, V]
-    out = verify(logits, drafts, gen, generator)
+    out = verify(logits, drafts, gen, generator, draft_probs)
     cache.forget(0, position + 1 + out.accepted, position + 1 + len(drafts))
     return out
 
@@ -196,10 +280,12 @@ class SpeculativeDecoder:
     :func:`run_speculative` loops over and a benchmark times.
 
     ``context``: the sequence so far, whose last token is not yet in the cache (the cache holds
-    positions 0..len(context) - 2, as after a prefill and the first sampled token). Each
-    :meth:`step` runs one forward and returns the tokens it yields, which are appended to
-    ``context``. ``forwards``, ``drafted`` and ``accepted`` count what the steps did. The draft
-    length adapts (module docstring) unless ``adaptive`` is False.
+    positions 0..len(context) - 2, as after a prefill and the first sampled token); or the prompt
+    alone, none of it in the cache, for :meth:`prefill` (which a :class:`FeatureDrafter` needs:
+    it observes the prompt's hidden states there). Each :meth:`step` runs one forward and returns
+    the tokens it yields, which are appended to ``context``. ``forwards``, ``drafted`` and
+    ``accepted`` count what the steps did. The draft length adapts (module docstring) unless
+    ``adaptive`` is False.
     """
 
     def __init__(self, model, cache: KVCache, gen: GenerationConfig, context: Sequence[int], *,
@@ -210,6 +296,10 @@ class SpeculativeDecoder:
             raise ValueError(f"speculative decoding needs a one-row cache with {gen.speculate} spare ring slots")
         self.model, self.cache, self.gen, self.generator = model, cache, gen, generator
         self.drafter = PromptLookupDrafter() if drafter is None else drafter
+        self.features = isinstance(self.drafter, FeatureDrafter)
+        if self.features:  # the target through its two halves, keeping hidden states for the drafter
+            self.model = FeatureTap(model)
+            self.drafter.begin(cache.max_len, gen, generator)
         self.context = list(context)
         self.k = self.k_now = gen.speculate
         self.adaptive = adaptive
@@ -226,6 +316,15 @@ class SpeculativeDecoder:
         ring = KVCache.ring_size(model.config, max_len)
         return model.make_cache(1, max_len, spare=k) if ring and ring < max_len else model.make_cache(1, max_len)
 
+    def prefill(self, *, pad_id: int = 0, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Write the context (a prompt, none of it cached yet) into the cache: the logits [1, V]
+        at its last token, from which the caller samples the first token and appends it."""
+        with torch.inference_mode():
+            logits = prefill(self.model, self.cache, [self.context], pad_id=pad_id, chunk_size=chunk_size)  # [1, V]
+            if self.features:
+                self.drafter.observe(self.model.take())  # [P, d]
+        return logits
+
     def step(self, budget: int, step: int) -> Verified:
         """One forward yielding at most ``budget`` (>= 1) tokens; ``step`` is the generation step
         of the first of them (for the message of a non-finite-logits error, raised here when a
@@ -233,11 +332,12 @@ class SpeculativeDecoder:
         want = min(self.k_now, budget - 1)  # a forward yields at most len(drafts) + 1 tokens
         drafts = checked_drafts(self.drafter.propose(self.context, want), want,
                                 self.model.config.vocab_size) if want > 0 else []
+        q = self.drafter.draft_probs() if drafts and self.features else None
         position = len(self.context) - 1
         with torch.inference_mode():
             if drafts:
                 out = speculative_step(self.model, self.cache, self.context[-1], position, drafts, self.gen,
-                                       self.generator)
+                                       self.generator, None if q is None else q[:len(drafts)])
                 self.drafted += len(drafts)
                 self.accepted += out.accepted
                 if self.adaptive:
@@ -248,6 +348,10 @@ class SpeculativeDecoder:
                 logits = decode_step(self.model, self._tokens, self._pos, self.cache)  # [1, V]
                 self.logits_dtype = logits.dtype
                 out = Verified(sample_checked(logits, self.generator, self.gen, [True], step)[1], 0)
+            if self.features:  # the fed token's and the kept drafts' states (nothing after a non-finite row)
+                hidden = self.model.take()  # [T, d]
+                if out.complete:
+                    self.drafter.observe(hidden[:out.accepted + 1])
         self.forwards += 1
         self.context.extend(out.tokens)
         return out
@@ -273,7 +377,7 @@ def run_speculative(model, row: RowState, gen: GenerationConfig, *, drafter: Dra
             cache = SpeculativeDecoder.make_cache(model, length, max(1, gen.speculate))
         decoder = SpeculativeDecoder(model, cache, gen, row.prompt_ids, drafter=drafter, generator=g,
                                      adaptive=adaptive)
-        logits = prefill(model, cache, [row.prompt_ids], pad_id=pad_id, chunk_size=chunk_size)  # [1, V]
+        logits = decoder.prefill(pad_id=pad_id, chunk_size=chunk_size)  # [1, V]
         _, pending = sample_checked(logits, g, gen, [True], 1)
     decoder.context.extend(pending)
     clock = GenerationClock(stats, [row], t0, speculate=gen.speculate)

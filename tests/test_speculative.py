@@ -302,23 +302,31 @@ def test_verify_sampling_follows_the_target_distribution(kw):
     drafts = [int(probs[0].argmax()), int(probs[1].argsort(descending=True)[3])]
     assert 0.1 < probs[0, drafts[0]] < 0.9 and probs[1, drafts[1]] < 0.2
     gen, g = GenerationConfig(speculate=2, **kw), torch.Generator().manual_seed(1234)
-    first: dict = {}
-    second: dict = {}
-    for _ in range(N):
-        out = verify(logits, drafts, gen, g)
-        assert out.complete and len(out.tokens) == out.accepted + 1
-        first[out.tokens[0]] = first.get(out.tokens[0], 0) + 1
-        if out.accepted >= 1:
-            second[out.tokens[1]] = second.get(out.tokens[1], 0) + 1
+    first = verified_counts(logits, probs, lambda: (drafts, None), gen, g, N)
     p0 = {i: float(x) for i, x in enumerate(probs[0])}
-    p1 = {i: float(x) for i, x in enumerate(probs[1])}
-    assert chi_square_p(first, p0) > P_THRESHOLD
-    assert chi_square_p(second, p1) > P_THRESHOLD
     # The naive rule (on rejection draw from p, the draft included) gives x probability
     # p + (1 - p) p: the same counts must fail against that, or this test could not fail.
     px = p0[drafts[0]]
     naive = {i: (p + (1 - px) * px if i == drafts[0] else (1 - px) * p) for i, p in p0.items()}
     assert chi_square_p(first, naive) < P_THRESHOLD
+
+
+def verified_counts(logits, probs, drafts_of, gen, g, n: int) -> dict:
+    """Over ``n`` verifications of ``drafts_of() -> (two drafts, their q or None)``, checks that
+    the first emitted token follows ``probs[0]`` and the second, after a kept first draft,
+    ``probs[1]`` (chi-square); returns the first tokens' counts."""
+    first: dict = {}
+    second: dict = {}
+    for _ in range(n):
+        drafts, q = drafts_of()
+        out = verify(logits, drafts, gen, g, q)
+        assert out.complete and len(out.tokens) == out.accepted + 1
+        first[out.tokens[0]] = first.get(out.tokens[0], 0) + 1
+        if out.accepted >= 1:
+            second[out.tokens[1]] = second.get(out.tokens[1], 0) + 1
+    for counts, row in ((first, probs[0]), (second, probs[1])):
+        assert chi_square_p(counts, {i: float(x) for i, x in enumerate(row)}) > P_THRESHOLD
+    return first
 
 
 def test_verify_handles_impossible_and_certain_drafts():
@@ -341,13 +349,7 @@ def test_speculative_sampling_end_to_end_follows_the_model():
     model, N = tiny_model("tiny-gemma1"), 1200
     p = prompt(23, 6)
     kw = dict(temperature=1.0, top_k=4)
-    memo: dict = {}
-
-    def dist(ctx: tuple) -> torch.Tensor:
-        if ctx not in memo:
-            with torch.no_grad():
-                memo[ctx] = sampling_probs(model(torch.tensor([list(ctx)]))[0, -1:], **kw)[0]  # [V]
-        return memo[ctx]
+    dist = model_dist(model, **kw)
 
     class Forced:
         def propose(self, context_ids, k):
@@ -359,15 +361,34 @@ def test_speculative_sampling_end_to_end_follows_the_model():
     for seed in range(N):
         out = spec_tokens(model, p, 4, Forced(), speculate=2, seed=seed, **kw)
         counts[tuple(out[:3])] = counts.get(tuple(out[:3]), 0) + 1
+    assert chi_square_p(counts, joint_of_three(dist, tuple(p))) > P_THRESHOLD
+
+
+def model_dist(model, **kw):
+    """``dist(context tuple) -> [V]``: the model's sampling distribution (``kw``: temperature,
+    top_k, top_p) after a context, from a full forward, memoized."""
+    memo: dict = {}
+
+    def dist(ctx: tuple) -> torch.Tensor:
+        if ctx not in memo:
+            with torch.no_grad():
+                memo[ctx] = sampling_probs(model(torch.tensor([list(ctx)]))[0, -1:], **kw)[0]  # [V]
+        return memo[ctx]
+
+    return dist
+
+
+def joint_of_three(dist, prefix: tuple) -> dict:
+    """{(t1, t2, t3): p(t1) p(t2 | t1) p(t3 | t1, t2)} after ``prefix``, ``dist(context) -> [V]``."""
     expected = {}
-    p1 = dist(tuple(p))
+    p1 = dist(prefix)
     for t1 in torch.nonzero(p1).squeeze(1).tolist():
-        p2 = dist(tuple(p) + (t1,))
+        p2 = dist(prefix + (t1,))
         for t2 in torch.nonzero(p2).squeeze(1).tolist():
-            p3 = dist(tuple(p) + (t1, t2))
+            p3 = dist(prefix + (t1, t2))
             for t3 in torch.nonzero(p3).squeeze(1).tolist():
                 expected[(t1, t2, t3)] = float(p1[t1] * p2[t2] * p3[t3])
-    assert chi_square_p(counts, expected) > P_THRESHOLD
+    return expected
 
 
 # -- text, stops, budgets, errors ----------------------------------------------------------------

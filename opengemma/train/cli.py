@@ -98,6 +98,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
         add_tune_parsers = None
     if add_tune_parsers is not None:
         add_tune_parsers(verbs)
+    from .draft_cli import add_draft_parser; add_draft_parser(verbs)  # noqa: E702 (train draft, issue 19)
     from ..cli import COMMANDS
 
     COMMANDS.setdefault("train", run_train)

@@ -19,7 +19,7 @@ from ..errors import OpenGemmaError
 from .state import Checkpointer, load_model_weights
 
 # Kinds exported by instruction tuning's modules (issue 17), by a plain lookup.
-KIND_MODULES = {"lora": "lora", "rm": "reward"}
+KIND_MODULES = {"lora": "lora", "rm": "reward", "draft": "draft_cli"}
 
 
 def checkpoint_of(run_dir: Path, step: int | None) -> Path:

@@ -32,12 +32,12 @@ _nonneg = int_range(0)
 _frac = float_range(0.0, 1.0)
 
 
-def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, seq_len: int, micro: int) -> None:
+def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, seq_len: int, micro: int, lora: bool = True,
+            data_help: str = "training data: one or more JSONL files (.gz accepted), read in order and mixed") -> None:
     p.add_argument("--model", "-m", default=None, metavar="CHECKPOINT",
                    help="model to start from: a checkpoint directory or file, or a preset (random init); "
                         "default: the embedded Gemma 3 270M")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE.jsonl",
-                   help="training data: one or more JSONL files (.gz accepted), read in order and mixed")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE.jsonl", help=data_help)
     p.add_argument("--out", "-o", required=True, metavar="RUN", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last complete checkpoint")
     p.add_argument("--max-steps", type=_pos, default=steps, help=f"optimizer steps (default {steps})")
@@ -60,6 +60,9 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, seq_len: int, 
     p.add_argument("--log-every", type=_pos, default=1, help="progress bar cadence (default 1)")
     p.add_argument("--heldout-pct", type=float_range(0.0, 50.0), default=5.0,
                    help="share of the data held out for evaluation, by a hash of each example (default 5)")
+    if not lora:  # a run without adapters (train draft)
+        p.set_defaults(lora_rank=0)
+        return
     p.add_argument("--lora-rank", type=_nonneg, default=0, help="LoRA rank (0 = full fine-tuning, the default)")
     p.add_argument("--lora-alpha", type=float_range(0.0, lo_open=True), default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--lora-dropout", type=float_range(0.0, 0.99), default=0.0)
