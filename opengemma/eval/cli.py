@@ -40,8 +40,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", "-q", choices=["none", "int8", "int4", "mixed"], default="none",
                    help="weight-only quantization of the evaluated model (and of --baseline / --judge)")
     p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter (`opengemma train adapter`) merged into MODEL; 'default' is the chat "
-                        "adapter shipped for the embedded model")
+                   help="a LoRA adapter (`opengemma train adapter`) merged into MODEL")
     p.add_argument("--tasks", default=None,
                    help="comma-separated tasks and suites: table6 (report Table 6), h6 (Table 7, leaderboard "
                         "shots), safety (Table 8: real_toxicity_prompts, bold, crows_pairs, bbq_ambig, bbq_disambig, "

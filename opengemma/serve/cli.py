@@ -74,8 +74,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", "-q", choices=QUANTIZE, default="none",
                    help="weight-only quantization, as for `opengemma generate` (default none)")
     p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter merged into MODEL at load time ('default': the chat adapter shipped for "
-                        "the embedded model)")
+                   help="a LoRA adapter merged into MODEL at load time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--max-batch", type=_int_in(1, 4096), default=16,

@@ -273,7 +273,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "adapters"
 def adapter_dir(name) -> Path:
     """An ``--adapter`` value as a directory: ``default`` (unless a directory of that name exists
     here) is the chat adapter shipped inside the package for the embedded model
-    (``opengemma/adapters/default``, trained by ``bench/results/sft-270m``'s run)."""
+    (``opengemma/adapters/default``, when a version ships one)."""
     path = Path(name)
     if str(name) == DEFAULT_ADAPTER and not path.exists():
         return SHIPPED_DIR / DEFAULT_ADAPTER
@@ -289,6 +289,9 @@ def read_adapter(path) -> tuple[LoRAConfig, dict, dict[str, torch.Tensor]]:
     from ..checkpoints import read_json_object
 
     path = adapter_dir(path)
+    if path == SHIPPED_DIR / DEFAULT_ADAPTER and not (path / ADAPTER_CONFIG).is_file():
+        raise OpenGemmaError("no default adapter ships with this version of opengemma: give an adapter "
+                             "directory (`opengemma train adapter RUN DIR`)")
     if not (path / ADAPTER_CONFIG).is_file():
         raise OpenGemmaError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     info = read_json_object(path / ADAPTER_CONFIG)
