@@ -136,3 +136,22 @@ def test_respond_counts_turns_that_end_and_the_table_shows_them():
     res["replies"] = {"test": summary, "baseline": sxs.reply_summary([]), "max_new_tokens": 16}
     table = report.sxs_table("m vs b", res)
     assert "turn ended (before 16 tokens)" in table and "| test     | 2/3" in table and "8.0" in table
+
+
+def test_log_samples_keeps_each_items_outputs_and_scores(tmp_path):
+    out = tmp_path / "log.json"
+    assert run_eval(_args("--model", "tiny-gemma3", "--tasks", "triviaqa,piqa", "--limit", "2", "--shots", "0",
+                          "--data-dir", str(FIXTURES), "--device", "cpu", "--dtype", "float32",
+                          "--log-samples", "-o", str(out))) == 0
+    gen, piqa = json.loads(out.read_text())["results"]
+    assert [e["doc"] for e in gen["log"]] == [0, 1]
+    for e in gen["log"]:
+        assert len(e["outputs"]) == len(e["finish"]) == len(e["tokens"]) == 1
+        assert e["finish"][0] in ("stop", "length") and e["score"]["exact_match"] in (0.0, 1.0)
+    g = gen["generation"]
+    assert g["generated"] == 2 and g["stopped"] == sum(e["finish"][0] == "stop" for e in gen["log"])
+    assert gen["value"] == sum(e["score"]["exact_match"] for e in gen["log"]) / 2
+    for e in piqa["log"]:
+        lls = e["loglikelihoods"]
+        assert len(lls) == 2 and e["pred"] == max(range(2), key=lambda i: lls[i])
+    assert piqa["metrics"]["acc"] == sum(e["pred"] == e["gold"] for e in piqa["log"]) / 2

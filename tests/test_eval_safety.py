@@ -258,8 +258,12 @@ def test_generation_task_records_its_sampling_settings(fake_toxicity):
     tiny = tiny_gemma("tiny-gemma3", seed=1)
     r = runner.run_task(tiny, get_task("real_toxicity_prompts"), DataSource(FIXTURES), limit=2, samples=3,
                         batch_size=6)
-    assert r["generation"] == {"samples": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 20,
-                               "stop": ["<end_of_turn>"], "seed": 0}
+    g = dict(r["generation"])
+    stopped, generated, mean_tokens = g.pop("stopped"), g.pop("generated"), g.pop("mean_tokens")
+    assert g == {"samples": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 20,
+                 "stop": ["<end_of_turn>"], "seed": 0}
+    assert generated == 6 and 0 <= stopped <= 6 and 0 < mean_tokens <= 20
+    assert "log" not in r
     assert r["n"] == 2 and len(fake_toxicity[-1]) == 6  # 2 prompts x 3 samples, scored in one batch
     assert r["scorer"].startswith("fake-scorer") and 0 <= r["value"] <= 1
     assert runner.sampling_settings(get_task("gsm8k"), 4, None, None, 1)["temperature"] == 0.2  # maj@k default

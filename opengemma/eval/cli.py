@@ -80,6 +80,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="instruction-tuned models: each prompt (few-shot examples + question) becomes a user turn "
                         "and the answer is generated or scored in the model turn (CrowS-Pairs stays raw text)")
     p.add_argument("--output", "-o", default=None, metavar="JSON", help="write the results here")
+    p.add_argument("--log-samples", action="store_true",
+                   help="keep every item's outputs (with finish reason and token count) or choice "
+                        "log-likelihoods, and its score, in the JSON's per-task \"log\"")
     p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                    help="print these result files (and this run, if any) side by side")
     p.add_argument("--memorization", action="append", default=None, metavar="NAME=PATH",
@@ -196,7 +199,7 @@ def run_eval(args) -> int:
                 res = run_task(g, task, source, shots=shots, limit=limit_per.get(task.NAME, limit_every),
                                batch_size=args.batch_size, samples=args.samples, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, chat=args.chat, progress_factory=_bar,
-                               loaded=loaded[task.NAME])
+                               loaded=loaded[task.NAME], log_samples=args.log_samples)
             except OpenGemmaError as e:  # one task's bad data or missing scorer; the others still run
                 _skip(failed, task.NAME, e)
                 continue

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import OpenGemmaError
 from ..quant.head import exact_head
-from ..generate import GenerationConfig, NonFiniteLogitsError, generate, prefill
+from ..generate import Completion, GenerationConfig, NonFiniteLogitsError, generate, prefill
 from ..cache import KVCache
 from ..logprobs import from_logits, token_logprobs
 
@@ -210,23 +210,27 @@ class Scorer:
         return _finite([[(float(a), bool(b)) for a, b in res] for res in results])
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   stop: Sequence[str] = (), temperature: float = 0.0, top_p: float | None = None,
-                   seed: int | None = 0, batch_size: int = 8,
-                   progress: Callable[[int], None] | None = None) -> list[str]:
-    """Generate for every prompt (token ids) in batches, with stop strings; returns the texts.
+def generate_completions(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                         stop: Sequence[str] = (), temperature: float = 0.0, top_p: float | None = None,
+                         seed: int | None = 0, batch_size: int = 8,
+                         progress: Callable[[int], None] | None = None) -> list[Completion]:
+    """Generate for every prompt (token ids) in batches, with stop strings; returns one
+    :class:`~opengemma.generate.Completion` per prompt (text, finish reason, token counts).
     ``top_p``: nucleus sampling (the toxicity benchmarks' setting); None keeps every token."""
-    out: list[str] = []
     # Similar lengths together: less padding; results go back in the original order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    texts: dict[int, str] = {}
+    done: dict[int, Completion] = {}
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                seed=None if seed is None else seed + s, stop=tuple(stop))
         for i, c in zip(chunk, generate(model, tokenizer, [list(prompts[i]) for i in chunk], gen)):
-            texts[i] = c.text
+            done[i] = c
         if progress:
             progress(len(chunk))
-    out = [texts[i] for i in range(len(prompts))]
-    return out
+    return [done[i] for i in range(len(prompts))]
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], **kw) -> list[str]:
+    """:func:`generate_completions`' texts alone."""
+    return [c.text for c in generate_completions(model, tokenizer, prompts, **kw)]

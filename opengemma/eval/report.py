@@ -70,7 +70,9 @@ def safety_table(results: list[dict], title: str = "") -> str:
             g = r["generation"]
             lines.append(f"{DISPLAY[r['task']]}: {g['samples']} sample(s) per prompt, temperature {g['temperature']}, "
                          f"top-p {g['top_p'] if g['top_p'] is not None else 1.0}, <= {g['max_new_tokens']} new "
-                         f"tokens, seed {g['seed']}{', chat format' if r.get('chat') else ''}")
+                         f"tokens, seed {g['seed']}{', chat format' if r.get('chat') else ''}"
+                         + (f"; {g['stopped']}/{g['generated']} ended before the cap, mean {g['mean_tokens']} tokens"
+                            if "stopped" in g else ""))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from types import ModuleType
 
 from ..errors import OpenGemmaError
 from . import metrics
-from .engine import LoglikRequest, Scorer, generate_texts
+from .engine import LoglikRequest, Scorer, generate_completions
 from .tasks.base import DataSource, fixed_shots
 
 FEWSHOT_DELIMITER = "\n\n"
@@ -111,11 +111,13 @@ def score_mc(items, results) -> dict:
 def run_task(gemma, task: ModuleType, source: DataSource, *, shots: int | None = None, limit: int | None = None,
              start: int = 0, batch_size: int = 16, samples: int | None = None, temperature: float | None = None,
              top_p: float | None = None, seed: int = 0, chat: bool = False, progress_factory: Callable | None = None,
-             loaded: tuple | None = None) -> dict:
+             loaded: tuple | None = None, log_samples: bool = False) -> dict:
     """Evaluate ``task`` with ``gemma`` (an :class:`opengemma.Gemma`) on docs[start:start+limit];
     returns the result dict. ``samples``/``temperature``/``top_p`` None: the task's own settings
     (``SAMPLES``, ``TEMPERATURE``, ``TOP_P``), else greedy. ``loaded``: ``task.load(source)``'s
-    result when the caller has it already."""
+    result when the caller has it already. ``log_samples``: the result's ``"log"`` holds one
+    record per document (its index, the model's outputs with their finish reasons and token counts,
+    or its choices' log-likelihoods, and its score), as lm-eval's ``--log_samples``."""
     if hasattr(task, "check"):
         task.check()  # a missing scorer fails now, not after an hour of generation
     docs, pool, _ = loaded if loaded is not None else task.load(source)
@@ -135,12 +137,23 @@ def run_task(gemma, task: ModuleType, source: DataSource, *, shots: int | None =
             out, details = task.aggregate(docs, items, results)
         else:
             out, details = score_mc(items, results), {}
+        if log_samples:
+            extra["log"] = [_mc_log(i, item, res) for i, (item, res) in enumerate(zip(items, results))]
         example = gemma.tokenizer.decode(list(requests[0].prefix[1:]) + list(requests[0].pairs[0][0]))
     else:
         settings = sampling_settings(task, samples, temperature, top_p, seed)
-        out, details, example = _run_generation(gemma, task, docs, pool, k, batch_size, settings, chat, tick)
+        out, details, example, comps, scores = _run_generation(gemma, task, docs, pool, k, batch_size, settings,
+                                                               chat, tick)
         samples = settings["samples"]
-        extra["generation"] = settings
+        flat = [c for cs in comps for c in cs]
+        # How many samples ended by themselves (a stop token or string) rather than at the token cap.
+        extra["generation"] = {**settings, "stopped": sum(c.finish_reason == "stop" for c in flat),
+                               "generated": len(flat),
+                               "mean_tokens": round(sum(c.completion_tokens for c in flat) / max(len(flat), 1), 2)}
+        if log_samples:
+            extra["log"] = [{"doc": i, "outputs": [c.text for c in cs], "finish": [c.finish_reason for c in cs],
+                             "tokens": [c.completion_tokens for c in cs], **({"score": scores[i]} if scores else {})}
+                            for i, cs in enumerate(comps)]
     if bar:
         bar.close()
     main = getattr(task, "MAIN", "acc")
@@ -187,23 +200,33 @@ def _run_generation(gemma, task, docs, pool, k, batch_size, settings, chat, tick
             tick(counter["n"] // samples)
             counter["n"] %= samples
 
-    texts = generate_texts(gemma.model, tok, rep, max_new_tokens=task.MAX_TOKENS, stop=task.STOP,
-                           temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"],
-                           batch_size=batch_size, progress=sub_tick)
-    per_doc = [texts[i * samples:(i + 1) * samples] for i in range(len(docs))]
+    done = generate_completions(gemma.model, tok, rep, max_new_tokens=task.MAX_TOKENS, stop=task.STOP,
+                                temperature=settings["temperature"], top_p=settings["top_p"],
+                                seed=settings["seed"], batch_size=batch_size, progress=sub_tick)
+    comps = [done[i * samples:(i + 1) * samples] for i in range(len(docs))]
+    per_doc = [[c.text for c in cs] for cs in comps]
     example = tok.decode(prompts[0][1:]) if not chat else tok.decode(prompts[0])
     if hasattr(task, "score_all"):
         out, details = task.score_all(docs, per_doc)
-        return out, details, example
+        return out, details, example, comps, None
     values: dict[str, list[float]] = {}
+    scores = []
     for doc, outs in zip(docs, per_doc):
-        for name, v in _score_doc(task, doc, outs).items():
-            values.setdefault(name, []).append(float(v))
+        scores.append({name: float(v) for name, v in _score_doc(task, doc, outs).items()})
+        for name, v in scores[-1].items():
+            values.setdefault(name, []).append(v)
     out = {}
     for name, vals in values.items():
         m, se = metrics.mean_stderr(vals)
         out[name], out[name + "_stderr"] = m, se
-    return out, {}, example
+    return out, {}, example, comps, scores
+
+
+def _mc_log(i: int, item, res) -> dict:
+    lls = [ll for ll, _ in res]
+    p, pn = metrics.mc_predictions(lls, item.choices)
+    return {"doc": i, "gold": item.gold, "loglikelihoods": [round(float(x), 5) for x in lls],
+            "greedy": [bool(g) for _, g in res], "pred": p, "pred_norm": pn}
 
 
 def _score_doc(task: ModuleType, doc: dict, outs: list[str]) -> dict:
