@@ -171,7 +171,7 @@ def write_inputs(args, data: dict, order: list[int], ref: dict, work: Path, hf_d
             "train_ids": [[data["train"][i][1].chosen, data["train"][i][1].rejected] for i in order],
             "held_ids": [[e.chosen, e.rejected] for _, e in data["held"]],
             **{k: getattr(args, k) for k in ("threads", "dtype", "lr", "min_lr", "warmup", "steps", "batch", "max_len",
-                                             "seed", "lora_rank")}}
+                                             "seed", "lora_rank", "activation_checkpointing")}}
     (work / "trl-spec.json").write_text(json.dumps(spec))
     return work / "trl-spec.json"
 
@@ -185,7 +185,8 @@ def ours_command(args, base: str, work: Path, n_held: int) -> list[str]:
            "--weight-decay", "0", "--grad-clip", str(CLIP), "--dtype", args.dtype, "--device", "cpu",
            "--threads", str(args.threads), "--seed", str(args.seed), "--heldout-pct", repr(args.heldout_pct),
            "--val-pairs", str(n_held), "--no-baselines", "--keep-last", "1"]
-    return cmd + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else [])
+    return (cmd + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else [])
+            + (["--activation-checkpointing"] if args.activation_checkpointing else []))
 
 
 def run_child(cmd: list[str], log: Path, threads: int) -> dict:
@@ -273,7 +274,8 @@ def trl_worker(spec_path: str) -> None:
         output_dir=spec["out"], max_steps=steps, per_device_train_batch_size=spec["batch"],
         per_device_eval_batch_size=spec["batch"], gradient_accumulation_steps=1, learning_rate=lr,
         max_grad_norm=CLIP, weight_decay=0.0, bf16=spec["dtype"] == "bf16", fp16=False, use_cpu=True,
-        gradient_checkpointing=False, logging_steps=1, save_strategy="steps", save_steps=steps, eval_strategy="no",
+        gradient_checkpointing=bool(spec.get("activation_checkpointing")),
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, save_strategy="steps", save_steps=steps, eval_strategy="no",
         report_to="none", disable_tqdm=True, seed=spec["seed"], data_seed=spec["seed"],
         train_sampling_strategy="sequential", max_length=spec["max_len"], dataloader_num_workers=0)
     timer = Timer()
@@ -501,6 +503,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning; R > 0 needs peft for TRL's side")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="both sides recompute each block in backward (TRL: gradient_checkpointing): less memory")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S", help="first wait (at most S s) for an idle machine")
     p.add_argument("--record", metavar="NAME", help="write bench/results/NAME.json, .md and .png")
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="work in DIR and keep it (runs, checkpoints)")

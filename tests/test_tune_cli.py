@@ -164,3 +164,49 @@ def test_adapter_default_without_a_shipped_adapter_is_one_line(capsys):
     assert main(["generate", "--adapter", "default", "-n", "2", "hi"]) == 1
     err = capsys.readouterr().err
     assert "no default adapter ships" in err and "Traceback" not in err
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, base, monkeypatch):
+    """``--activation-checkpointing`` (each block recomputed in backward) on SFT with LoRA, a full
+    reward model and RL: the same losses and the same files as without it."""
+    from safetensors.torch import load_file
+
+    from opengemma.train import lora, parallel
+
+    wrapped = []
+    real = parallel.parallelize
+
+    def spy(model, *a, **kw):
+        out = real(model, *a, **kw)
+        wrapped.append(sum(type(m).__name__ == "CheckpointWrapper" for m in model.layers))
+        return out
+
+    monkeypatch.setattr(parallel, "parallelize", spy)
+    conv = _jsonl(tmp_path / "c.jsonl", [_conv(i) for i in range(16)])
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": f"Is {i} even?"}],
+                                           "chosen": [{"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
+                                           "rejected": [{"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]}
+                                          for i in range(16)])
+    gsm = _jsonl(tmp_path / "g.jsonl", [{"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"} for i in range(12)])
+    runs = {
+        "sft": ["train", "sft", "--data", str(conv), "--lora-rank", "4", "--max-steps", "2", "--lr", "1e-3"],
+        "rm": ["train", "rm", "--data", str(pairs), "--max-steps", "2", "--lr", "1e-4"],
+        "rl": ["train", "rl", "--data", str(gsm), "--reward", "gsm8k", "--algo", "grpo", "--lora-rank", "4",
+               "--max-steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "4",
+               "--eval-prompts", "0", "--lr", "1e-3"],
+    }
+    for name, argv in runs.items():
+        losses = []
+        for ac in ([], ["--activation-checkpointing"]):
+            run = tmp_path / f"{name}{len(ac)}"
+            assert main([*argv, "--model", str(base), "--out", str(run), *FAST, *ac]) == 0, (name, ac)
+            losses.append([json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                           if '"loss"' in x])
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7), name
+    assert wrapped == [PRESETS["tiny-gemma3"].n_layers] * 3  # once per flagged run, every block
+    for d in ("sft0", "sft1"):
+        assert main(["train", "adapter", str(tmp_path / d), str(tmp_path / f"ad-{d}")]) == 0
+    a, b = (load_file(tmp_path / f"ad-{d}" / lora.ADAPTER_WEIGHTS) for d in ("sft0", "sft1"))
+    assert sorted(a) == sorted(b) and not any("wrapped" in k for k in b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -179,7 +179,11 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, seed: int = 0) -> list[s
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """(name, module) of every adapter, named as in the unwrapped model (activation checkpointing's
+    wrappers do not change adapter files or merged state dicts)."""
+    from .parallel import plain_name
+
+    return [(plain_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

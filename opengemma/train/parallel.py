@@ -91,6 +91,14 @@ def check_tp(config, tp: int) -> None:
 
 
 # -- applying the transforms -----------------------------------------------------------------
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # what torch's checkpoint_wrapper adds to names
+
+
+def plain_name(name: str) -> str:
+    """A parameter or module name as the unwrapped model spells it (the state dict's own names)."""
+    return name.replace(CHECKPOINT_WRAPPED, "")
+
+
 def parallelize(model: nn.Module, mesh=None, *, dtype: str = "fp32", activation_checkpointing: bool = False,
                 compile: bool = False) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2 (in that order) to a GemmaModel in
