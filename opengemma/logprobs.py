@@ -115,6 +115,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         g = g.float()
         for c0 in range(0, w.shape[0], chunk):
             wc = w[c0:c0 + chunk]
+            wc = wc if wc.dtype == h.dtype else wc.to(h.dtype)  # a frozen head held in bf16 (LoRA), fp32 h
             z = _chunk_logits(h, wc, cap)  # [N, c]
             c = z.shape[1]
             # d log p(t) / dz = onehot(t) - softmax(z), scaled by the incoming gradient g
@@ -167,7 +168,10 @@ class _FusedNLLSum(torch.autograd.Function):
         nll = h.new_empty(N, dtype=torch.float32)
         dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        w32 = w.float() if need_h else None  # fp32 for the [n, V] x [V, D] product (a no-op in fp32)
+        # fp32 for the [n, V] x [V, D] product (a no-op in fp32), and for the logits when the hidden
+        # states are fp32: an fp32 trunk under autocast keeps an fp32 head here, whether the weight
+        # is held in fp32 or (a frozen LoRA base) in bf16.
+        w32 = w.float() if need_h or h.dtype == torch.float32 else None
         # One [rows, V] buffer for every chunk: a fresh 256 MiB tensor per chunk costs page faults
         # (the CPU allocator returns big blocks to the system) comparable to the matmul itself.
         buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=h.device)
@@ -177,8 +181,8 @@ class _FusedNLLSum(torch.autograd.Function):
             n = hc.shape[0]
             idx = torch.arange(n, device=h.device)
             z = buf[:n]
-            if h.dtype == torch.float32 and w.dtype == torch.float32:
-                torch.mm(hc, w.t(), out=z)  # [n, V]
+            if h.dtype == torch.float32:
+                torch.mm(hc, w32.t(), out=z)  # [n, V]
             else:  # the head's matmul in the activation dtype, as model.head
                 z.copy_(F.linear(hc, w))
             slope = None

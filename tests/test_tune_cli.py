@@ -117,7 +117,7 @@ def test_rm_export_and_reward_scoring(tmp_path, base, tokenizer, capsys):
     data = _jsonl(tmp_path / "p.jsonl", pairs)
     run = tmp_path / "rm"
     assert main(["train", "rm", "--model", str(base), "--data", str(data), "--out", str(run), "--max-steps", "2",
-                 "--center", "0.01", *FAST]) == 0
+                 "--center", "0.01", "--lora-rank", "2", "--dtype", "bf16", *FAST]) == 0  # LoRA: base held in bf16
     rep = json.loads((run / "rm_report.json").read_text())
     assert rep["skips"]["by_reason"] == {"identical_sides": 1, "overlong_dropped": 1} and "longer_wins" in rep["baselines"]
     assert rep["train_pairs"] + rep["heldout_pairs"] == 17
@@ -137,7 +137,7 @@ def test_rl_gsm8k_runs_and_bad_inputs_fail_cleanly(tmp_path, base, capsys):
     run = tmp_path / "rl"
     assert main(["train", "rl", "--model", str(base), "--data", str(gsm), "--out", str(run), "--reward", "gsm8k",
                  "--algo", "grpo", "--max-steps", "1", "--group-size", "2", "--prompts-per-step", "2",
-                 "--max-new-tokens", "4", "--eval-prompts", "2", *FAST]) == 0
+                 "--max-new-tokens", "4", "--eval-prompts", "2", "--lora-rank", "2", "--dtype", "bf16", *FAST]) == 0
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"reward", "kl", "logprob_gap"} <= set(rec) and (run / "rl.png").is_file()
     capsys.readouterr()

@@ -117,3 +117,34 @@ def test_adapter_files_round_trip_and_check_the_base(tmp_path):
     (tmp_path / "ad" / lora.ADAPTER_WEIGHTS).write_bytes(b"junk")
     with pytest.raises(OpenGemmaError, match="corrupt"):
         lora.load_adapter(tiny_model("tiny-gemma3"), tmp_path / "ad")
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-gemma2"])
+def test_frozen_base_held_in_bf16_equals_autocast_of_the_fp32_base(preset):
+    """Under bf16 autocast, the base held in bf16 gives bitwise the loss and adapter gradients of the
+    fp32 base (autocast casts the same values at every matmul); the embedding is pre-rounded to bf16
+    here, its one lookup that would otherwise differ. Norm weights and adapters stay fp32."""
+    tok = ChatByteTokenizer()
+    ct = format_chat(tok, [{"role": "user", "content": "hi there"}, {"role": "model", "content": "hello, friend"}], False)
+    ids = torch.tensor([ct.ids])
+    mask = torch.tensor([ct.mask[1:]], dtype=torch.bool)
+    runs = []
+    for hold in (False, True):
+        model = tiny_model(preset).train()
+        with torch.no_grad():
+            model.embed.weight.copy_(model.embed.weight.bfloat16().float())
+        lora.apply_lora(model, lora.LoRAConfig(rank=4))
+        _randomize_adapters(model)
+        if hold:
+            n = lora.hold_frozen_base(model, torch.bfloat16)
+            assert n == 7 * model.config.n_layers + 1  # every adapted linear's base, and the tied embedding
+            assert model.embed.weight.dtype == torch.bfloat16 and model.final_norm.weight.dtype == torch.float32
+            assert all(p.dtype == torch.float32 for p in lora.adapter_parameters(model))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = next_token_loss(model, ids[:, :-1], ids[:, 1:], mask)
+        out.loss_sum.backward()
+        runs.append((out.loss_sum.detach(), [p.grad.clone() for p in lora.adapter_parameters(model)]))
+    (loss32, g32), (loss16, g16) = runs
+    assert torch.equal(loss32, loss16)
+    assert all(torch.equal(a, b) for a, b in zip(g32, g16))
+    assert any(g.abs().sum() > 0 for g in g16)

@@ -11,12 +11,13 @@ from test_tune_helpers import ChatByteTokenizer, one_thread  # noqa: F401 (fixtu
 from opengemma.chat import format_chat
 from opengemma.errors import OpenGemmaError
 from opengemma.testing import tiny_model
-from opengemma.train import rl
+from opengemma.train import lora, rl
 from opengemma.train.config import TrainConfig
 from opengemma.train.loop import fit
 from opengemma.train.prefs import Prompt
 from opengemma.train.rollout import (
     LOGPROB_TOLERANCE,
+    LOGPROB_TOLERANCE_BF16,
     rollout,
     sequence_logprobs,
     to_batch,
@@ -91,6 +92,27 @@ def test_gsm8k_reward_uses_the_eval_extraction():
     assert r == [1.0, 1.0, 0.0, 0.0]
     with pytest.raises(OpenGemmaError, match="answer"):
         rl.GSM8KReward()([Prompt([{"role": "user", "content": "q"}])], ["7"])
+
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-gemma2"])
+def test_bf16_lora_rollouts_sample_with_the_trainers_numerics(tmp_path, preset):
+    """LoRA RL with --dtype bf16: the frozen base is held in bf16, rollouts run under the loop's
+    autocast (outside it an fp32 activation would meet a bf16 weight and fail), and the sampler's
+    log-probs match the trainer's within LOGPROB_TOLERANCE_BF16; rows that finish early (idle,
+    meaningless logits) do not stop the rollout."""
+    model = tiny_model(preset, std=0.05).train()
+    lora.apply_lora(model, lora.LoRAConfig(rank=4))
+    lora.hold_frozen_base(model, torch.bfloat16)
+    cfg = rl.RLConfig(algo="grpo", group_size=4, prompts_per_step=2, max_new_tokens=24, micro_batch=8, seed=0)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    src = rl.RLSource(model, TOK, PROMPTS, rl.FnReward(lowercase_share), cfg, params=named, max_steps=3)
+    tc = TrainConfig(lr=1e-3, min_lr=1e-3, schedule="constant", weight_decay=0.0, max_steps=3, seq_len=64, seed=0,
+                     dtype="bf16")
+    res = fit(model, src, rl.rl_loss(cfg), tc, tmp_path / "run", params=lora.adapter_parameters(model), progress=False)
+    assert res.record["logprob_gap"] < LOGPROB_TOLERANCE_BF16, res.record
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert any(p.abs().sum() > 0 for _, m in lora.lora_modules(model) for p in (m.lora_B,))  # the adapters moved
 
 
 def _policy_reward(model, seed: int = 99, n: int = 16):

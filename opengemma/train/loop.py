@@ -18,7 +18,9 @@ One optimizer step:
 
 Mixed precision: with ``dtype="bf16"`` the master weights, optimizer state and gradient
 reductions stay fp32; compute runs in bf16 (FSDP2's parameter dtype when the model is sharded,
-``torch.autocast`` otherwise). A non-finite loss or gradient norm stops the run before the
+``torch.autocast`` otherwise). The batch source runs under the same autocast as the loss: RL
+samples its rollouts and reference log-probs with the numerics the trainer then recomputes them
+with. A non-finite loss or gradient norm stops the run before the
 optimizer step, with the last good checkpoint untouched.
 """
 
@@ -209,7 +211,8 @@ def fit(model, source: BatchSource, loss_fn: LossFn, cfg: TrainConfig, run_dir, 
                        max_steps=cfg.max_steps, schedule=cfg.schedule, decay_steps=cfg.decay_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-            batches = source.next(model, step)
+            with autocast:  # RL's rollouts: sampled with the trainer's numerics
+                batches = source.next(model, step)
             outs = []
             for i, batch in enumerate(batches):
                 parallel.set_gradient_sync(model, i == len(batches) - 1)

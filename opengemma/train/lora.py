@@ -215,6 +215,31 @@ def disabled(model: nn.Module):
             m.enabled = True
 
 
+
+@torch.no_grad()
+def hold_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weight matrices (every frozen linear layer and the tied embedding) in
+    ``dtype``; returns how many weight tensors it covers. Norm weights and adapters stay as they are.
+
+    For LoRA under bf16 autocast: autocast casts an fp32 weight to bf16 on every matmul, and a frozen
+    weight is not in its cache, so each decode step of an RL rollout would re-read and re-write the
+    whole base (1.6 GB a token for the 270M, most of it the 262k-row head). Held in bf16, the
+    matmuls see the very values autocast would have made, and the base takes half the memory. The
+    one change in numerics is the input embedding, looked up from bf16-rounded rows (as a bf16
+    model's is); the residual stream stays in the norms' dtype. Everything that runs the model
+    must then run under autocast (``fit`` runs its source, loss and evaluation so)."""
+    seen: set[int] = set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.requires_grad or id(w) in seen or not w.is_floating_point():
+            continue
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            seen.add(id(w))
+            if w.dtype != dtype:
+                w.data = w.data.to(dtype)
+    return len(seen)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapters: ``{module name}.lora_A`` / ``.lora_B`` -> tensor."""
     return {f"{n}.{k}": getattr(m, k).detach() for n, m in lora_modules(model) for k in ("lora_A", "lora_B")}
