@@ -24,7 +24,7 @@ from .errors import OpenGemmaError
 from .model import GemmaModel, build_model
 from .tokenizer import Tokenizer
 
-__all__ = ["Gemma", "Source", "load", "load_config", "load_tokenizer", "parse_device", "parse_dtype", "resolve"]
+__all__ = ["Gemma", "Source", "auto_mode", "load", "load_config", "load_tokenizer", "parse_device", "parse_dtype", "resolve"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -129,13 +129,31 @@ class Gemma:
         return pieces if stream else "".join(pieces)
 
 
+FLOAT_GGUF = frozenset({"F32", "F16", "BF16", "F64"})  # GGUF tensor types that are not quantized
+
+
+def auto_mode(src: Source, device: torch.device) -> tuple[str | None, str | None]:
+    """(quantize, dtype) of ``quantize="auto"``, the commands' default: a quantized GGUF file on the
+    CPU runs in ``mixed`` mode with bf16 activations (every weight at no less than its file's
+    precision; on the embedded 270M perplexity within 1% of llama.cpp's on the same file, decode
+    about 1.9x and prefill 1.8x fp32's: ``bench/results/cpu-draft-chat-xeon.md``); anything else
+    (float checkpoints, presets, GPUs) runs unquantized in the usual default dtype."""
+    if device.type != "cpu" or src.kind != "gguf":
+        return None, None
+    from .checkpoints import gguf
+
+    with gguf._Mapped(src.path) as m:
+        quantized = any(t.qtype.name not in FLOAT_GGUF for t in m.header.tensors)
+    return ("mixed", "bfloat16") if quantized else (None, None)
+
+
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, seed: int = 0, quantize: str | None = None,
          compile: bool = False) -> Gemma:
     """Load a model (None = the embedded Gemma 3 270M) ready for generation.
 
     ``seed`` only matters for presets, whose weights are random (:meth:`GemmaModel.init_weights`).
-    ``quantize``: None/"none", "int8", "int4" or "mixed" weight-only quantization
+    ``quantize``: None/"none", "auto" (:func:`auto_mode`), "int8", "int4" or "mixed" weight-only quantization
     (:mod:`opengemma.quant`); GGUF weights go straight into quantized modules, without a float
     copy of the model. "mixed" keeps int8's weights (a GGUF's 4-bit tensors as int4, the rest
     int8) and reads the 8-bit output head through a 4-bit screen when decoding: the top
@@ -149,11 +167,14 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     from . import quant
 
     quantize = None if quantize in (None, "none") else quantize
-    if quantize is not None:
+    if quantize is not None and quantize != "auto":
         quant.check_mode(quantize)
     dev = parse_device(device)
-    dt = parse_dtype(dtype, dev)
     src = resolve(model)
+    if quantize == "auto":
+        quantize, auto_dtype = auto_mode(src, dev)
+        dtype = dtype if dtype is not None else auto_dtype
+    dt = parse_dtype(dtype, dev)
     if src.kind == "preset":
         net = build_model(read_config(src), device=dev, dtype=dt)
         net.init_weights(torch.Generator(device=dev).manual_seed(seed)).eval()

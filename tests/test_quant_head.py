@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+import opengemma
 from opengemma.quant import head as qhead
 from opengemma.quant import linear as quant
 from opengemma.quant import store
@@ -282,6 +283,27 @@ def test_cli_accepts_mixed():
     from opengemma.serve.cli import QUANTIZE
 
     assert "mixed" in QUANTIZE and set(QUANTIZE) == {"none", *quant.MODES}
+
+
+def test_auto_default_is_mixed_bf16_for_a_quantized_gguf_on_the_cpu_only(tmp_path):
+    """generate/chat default to --quantize auto: the embedded Q4_K_M file on the CPU runs mixed with
+    bf16 activations; a float checkpoint, a preset or a GPU keep the unquantized default."""
+    from opengemma.api import auto_mode, resolve
+    from opengemma.checkpoints import native
+    from opengemma.cli import build_parser
+    from opengemma.testing import tiny_model
+
+    assert build_parser().parse_args(["generate", "hi"]).quantize == "auto"
+    assert build_parser().parse_args(["chat"]).quantize == "auto"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert auto_mode(resolve(None), cpu) == ("mixed", "bfloat16")
+    assert auto_mode(resolve(None), gpu) == (None, None)
+    assert auto_mode(resolve("tiny-gemma3"), cpu) == (None, None)
+    model = tiny_model("tiny-gemma3")
+    native.save(tmp_path / "m", model.config, model.state_dict())
+    assert auto_mode(resolve(str(tmp_path / "m")), cpu) == (None, None)
+    g = opengemma.load("tiny-gemma3", quantize="auto")  # a float model: loaded as with quantize=None
+    assert g.model.final_norm.weight.dtype == torch.float32 and not isinstance(g.model.embed, ScreenedEmbedding)
 
 
 def test_cache_entries_are_aligned_for_the_packed_kernels(tmp_path):

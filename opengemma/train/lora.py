@@ -373,11 +373,14 @@ def load_with_adapter(model, adapter, *, dtype=None, device=None, quantize=None,
     as asked (quantizing after merging keeps the adapter's small deltas exact until then)."""
     from .. import compiled as compiled_mod
     from .. import quant
-    from ..api import parse_dtype
+    from ..api import auto_mode, parse_dtype, resolve
     from ..process import load_for_command
 
     g = load_for_command(model, dtype="float32", device=device)
     load_adapter(g.model, adapter)
+    if quantize == "auto":  # as the base alone would run; a quantized file's weights now merged in fp32
+        quantize, auto_dtype = auto_mode(resolve(model), g.device)
+        dtype = dtype if dtype is not None else auto_dtype
     g.model.to(parse_dtype(dtype, g.device))
     if quantize not in (None, "none"):
         quant.check_mode(quantize)
