@@ -215,7 +215,6 @@ def disabled(model: nn.Module):
             m.enabled = True
 
 
-
 @torch.no_grad()
 def hold_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen weight matrices (every frozen linear layer and the tied embedding) in

@@ -94,12 +94,14 @@ def rollout(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_token
             while True:
                 step += 1
                 logits = logits.float()
-                live = torch.tensor([not r.finished for r in rows], device=dev)  # [B]
-                if not bool((finite_rows(logits) | ~live).all()):
+                finite = finite_rows(logits)  # [B]
+                if any(not r.finished and not ok for r, ok in zip(rows, finite.tolist())):
                     raise nonfinite_error(step, logits.dtype)
-                # A finished row's logits are meaningless (under bf16 its fully masked query can give
-                # NaN): zeros keep the sampler quiet and its draws per row, hence the RNG, unchanged.
-                logits = torch.where(live[:, None], logits, 0.0)  # [B, V]
+                if not bool(finite.all()):
+                    # Only finished rows here: their logits are meaningless (under bf16 a fully masked
+                    # query can give NaN); zeros keep the sampler quiet and its per-row draws, hence
+                    # the RNG, unchanged.
+                    logits = torch.where(finite[:, None], logits, 0.0)  # [B, V]
                 ids = logits.argmax(-1) if greedy else sample_next_token(logits, g, 1.0)  # [B]
                 lp = torch.log_softmax(logits, dim=-1).gather(1, ids[:, None])[:, 0]  # [B]
                 for i, (t, v) in enumerate(zip(ids.tolist(), lp.tolist())):
