@@ -11,7 +11,7 @@ of two as ``generate`` does; skipped when ``opengemma.load`` has no ``compile``)
 screen when decoding, ``opengemma.quant.head``); ``transformers`` (the GGUF dequantized to
 fp32); ``llama.cpp`` via llama-cpp-python (the Q4_K_M file as it is; skipped when not installed);
 the speculative engines ``<variant>-spec`` of ``inference_engines.SPECULATIVE`` (``opengemma``,
-``-bf16``, ``-int8``, ``-mixed``): the variant decoding with lossless speculative decoding,
+``-bf16``, ``-int8``, ``-mixed``, ``-mixed-bf16``): the variant decoding with lossless speculative decoding,
 prompt-lookup drafts, at most ``--speculate`` K per forward (``opengemma generate --speculate K``).
 
 * **load** -- in-process wall time of the load call (``opengemma.load()``; transformers' model *and*

@@ -47,7 +47,8 @@ VARIANTS = {
 # Speculative engines: "<variant>-spec" loads as the variant and decodes with lossless speculative
 # decoding (prompt-lookup drafts, up to the settings' "speculate" per forward: what `opengemma
 # generate --speculate K` runs). Its prefill, perplexity and cold start are the variant's.
-SPECULATIVE = {f"{v}-spec": v for v in ("opengemma", "opengemma-bf16", "opengemma-int8", "opengemma-mixed")
+SPECULATIVE = {f"{v}-spec": v for v in ("opengemma", "opengemma-bf16", "opengemma-int8", "opengemma-mixed",
+                                         "opengemma-mixed-bf16")
                if v in VARIANTS}
 # Draft-head engines: "<variant>-draft" decodes as "-spec" does, with the trained draft head of the
 # settings' "draft" directory (bench_inference --draft DIR; `opengemma generate --draft DIR`) instead

@@ -102,6 +102,29 @@ MAX_TOP_K = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_SPECULATE = 64  # generate.MAX_SPECULATE
 DRAFT_SPECULATE = 4  # --draft without --speculate
+# --speculate auto (the default): prompt-lookup drafts, at most 4 per forward. On the embedded 270M
+# (mixed + bf16, 2 threads) it took greedy decoding from 0.65-0.74x llama.cpp's speed to 1.6-1.8x
+# on the bench's and the chat prompt sets, with the same text (bench/results/cpu-spec-mixed-*.md);
+# where the text does not repeat (sampling at temperature 1) few drafts are proposed (1.07-1.09
+# tokens per forward), and a step without drafts is a plain decode step.
+AUTO_SPECULATE = 4
+_speculate_k = int_range(0, MAX_SPECULATE, what=" (0 = off, or auto)")
+
+
+def speculate_type(text: str) -> int | None:
+    """--speculate's argparse type: "auto" (None) or a draft count K in 0..MAX_SPECULATE."""
+    return None if text.strip().lower() == "auto" else _speculate_k(text)
+
+
+def resolve_speculate(speculate: int | None, *, draft: bool, compile: bool) -> int:
+    """The drafts per forward a command decodes with: K as given (at least DRAFT_SPECULATE with a
+    draft head, which exists to speculate); "auto" (None) is AUTO_SPECULATE, except with --compile,
+    whose compiled decode step speculation would bypass (verification forwards run eagerly)."""
+    if draft:
+        return speculate or DRAFT_SPECULATE
+    if speculate is None:
+        return 0 if compile else AUTO_SPECULATE
+    return speculate
 
 _positive_int = int_range(1)
 seed_type = int_range(SEED_MIN, SEED_MAX, span="[-2**63, 2**64)")
@@ -153,13 +176,15 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculate", type=int_range(0, MAX_SPECULATE, what=" (0 = off)"), default=0, metavar="K",
+    p.add_argument("--speculate", type=speculate_type, default=None, metavar="K",
                    help="speculative decoding: guess up to K next tokens by prompt lookup (what followed the "
                         "latest earlier occurrence of the last few tokens, in the prompt or the text so far) "
                         "and check them all in one forward. Lossless: greedy text is the same (up to float "
-                        "near-ties), sampling draws from the same distribution; faster when the text repeats "
-                        "what came before (quotes, lists, code, loops), a little slower when guesses keep "
-                        "failing. Default 0 = off")
+                        "near-ties), sampling draws from the same distribution (a seed gives other text than "
+                        "with --speculate 0); faster when the text repeats what came before (quotes, lists, "
+                        "code, loops: the embedded model's greedy text 1.6-1.8x llama.cpp's speed), about "
+                        f"plain speed when it does not. Default auto = {AUTO_SPECULATE} (0 with --compile); "
+                        "0 = off")
     p.add_argument("--stats", action="store_true",
                    help="after generating, print to stderr: tokens, prefill and decode speed (tokens/s), and "
                         "with --speculate the share of guessed tokens accepted and tokens per forward")
@@ -256,7 +281,8 @@ def _sampling(args, g, stats=None) -> dict:
     drafter = getattr(args, "drafter", None)
     return dict(max_new_tokens=min(args.max_new_tokens, g.config.context_length), temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                speculate=args.speculate or (DRAFT_SPECULATE if drafter is not None else 0), stats=stats,
+                speculate=resolve_speculate(args.speculate, draft=drafter is not None, compile=args.compile),
+                stats=stats,
                 **({"drafter": drafter} if drafter is not None else {}))
 
 

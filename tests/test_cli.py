@@ -98,7 +98,7 @@ def test_chat_ends_on_eof():
     (("generate", "hi", "-n", "lots"), "expected a whole number"),
     (("generate", "hi", "--dtype", "float8"), "unknown dtype"),
     (("generate", "hi", "--device", "cuda:0"), ""),
-    (("generate", "hi", "--speculate", "-1"), "must be in 0..64 (0 = off)"),
+    (("generate", "hi", "--speculate", "-1"), "must be in 0..64 (0 = off, or auto)"),
     (("chat", "--speculate", "lots"), "expected a whole number"),
 ])
 def test_bad_arguments_are_one_line(args, fragment):
@@ -111,14 +111,29 @@ def test_bad_arguments_are_one_line(args, fragment):
 def test_speculate_gives_the_same_text_and_stats_report_it():
     # Greedy text with --speculate equals the text without; --stats prints the speeds and, with
     # speculation, the acceptance rate and tokens per forward (stderr: stdout stays the text).
+    # No flag is --speculate auto: prompt lookup with 4 drafts.
     args = ("generate", "one two three, one two three, one two", "--model", "tiny-gemma3", "-n", "24")
-    plain = run(*args, "--stats", tiny=True)
-    spec = run(*args, "--speculate", "4", "--stats", tiny=True)
-    assert plain.returncode == spec.returncode == 0, spec.stderr
-    assert spec.stdout == plain.stdout and spec.stdout.strip()
+    plain = run(*args, "--speculate", "0", "--stats", tiny=True)
+    spec = run(*args, "--speculate", "3", "--stats", tiny=True)
+    auto = run(*args, "--stats", tiny=True)
+    assert plain.returncode == spec.returncode == auto.returncode == 0, spec.stderr + auto.stderr
+    assert spec.stdout == plain.stdout == auto.stdout and spec.stdout.strip()
     assert "decode: 23 tokens in" in plain.stderr and "tok/s" in plain.stderr and "speculation" not in plain.stderr
-    assert "speculation (k=4): acceptance " in spec.stderr and "tokens per forward" in spec.stderr
+    assert "speculation (k=3): acceptance " in spec.stderr and "tokens per forward" in spec.stderr
+    assert "speculation (k=4): acceptance " in auto.stderr
     assert "tokens: " in spec.stderr and "24 generated" in spec.stderr
+
+
+def test_speculate_auto_resolves_per_command_line():
+    from opengemma.cli import AUTO_SPECULATE, DRAFT_SPECULATE, resolve_speculate, speculate_type
+
+    assert speculate_type("auto") is None and speculate_type(" AUTO ") is None and speculate_type("0") == 0
+    assert resolve_speculate(None, draft=False, compile=False) == AUTO_SPECULATE == 4
+    assert resolve_speculate(None, draft=False, compile=True) == 0  # the compiled step would be bypassed
+    assert resolve_speculate(0, draft=False, compile=False) == 0 and resolve_speculate(7, draft=False, compile=True) == 7
+    assert resolve_speculate(None, draft=True, compile=False) == resolve_speculate(0, draft=True, compile=False) \
+        == DRAFT_SPECULATE
+    assert resolve_speculate(2, draft=True, compile=False) == 2
 
 
 def test_max_new_tokens_is_cut_to_the_context():
