@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-__all__ = ["CompiledDecode", "enable"]
+__all__ = ["CompiledDecode", "enable", "keep_eager"]
 
 
 class CompiledDecode:
@@ -60,6 +60,7 @@ class CompiledDecode:
         while self.error is None:
             try:
                 if self.fn is None:
+                    keep_eager(self.model)
                     how = {"options": self.options} if self.options else {"mode": self.mode}
                     self.fn = torch.compile(self._eager, dynamic=None, **how)
                 self._mark_static(cache)
@@ -73,6 +74,16 @@ class CompiledDecode:
                 self.error = err
                 print(f"opengemma: torch.compile failed ({self.error}); decoding without it", file=sys.stderr)
         return self._eager(tokens, pos, cache)
+
+
+def keep_eager(model) -> None:
+    """Run the methods each submodule names in its ``compile_eager`` attribute eagerly inside
+    compiled graphs: ``torch.compiler.disable`` of the class's function, bound to the module as an
+    instance attribute (idempotent). Applied here, when compiling, rather than as a decorator,
+    which would import torch._dynamo (~1 s) whenever the module is imported."""
+    for m in model.modules():
+        for name in getattr(m, "compile_eager", ()):
+            setattr(m, name, torch.compiler.disable(getattr(type(m), name).__get__(m)))
 
 
 def enable(model, mode: str | None = None):

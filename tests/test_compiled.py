@@ -88,3 +88,30 @@ def test_compiled_models_bucket_cache_lengths():
     assert cache_length(rows, 8192, pow2=True) == 512
     assert cache_length(rows[:1], 8192, pow2=True) == 256  # at least 256
     assert cache_length(rows, 400, pow2=True) == 400  # never past the context
+
+
+def test_eager_methods_are_marked_when_compiling_not_at_import():
+    # The screened head's re-scoring must stay eager inside a compiled step; marking it is
+    # torch.compiler.disable, which imports torch._dynamo (~1 s): done when compiling, so that
+    # loading and running a mixed model (every command's start-up) never imports it.
+    import subprocess
+    import sys
+
+    code = ("import sys, opengemma; g = opengemma.load('tiny-gemma3', quantize='mixed'); "
+            "g.generate('hi', max_new_tokens=2); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+    import opengemma
+    from opengemma.quant.head import ScreenedEmbedding
+
+    model = opengemma.load("tiny-gemma3", quantize="mixed").model
+    heads = [m for m in model.modules() if isinstance(m, ScreenedEmbedding)]
+    assert heads and all("_rescore" not in vars(m) for m in heads)
+    compiled.keep_eager(model)
+    compiled.keep_eager(model)  # idempotent: wraps the class's function, not the wrapper
+    for m in heads:
+        fn = vars(m)["_rescore"]
+        assert getattr(fn, "_torchdynamo_disable", False) and fn.__wrapped__.__func__ is ScreenedEmbedding._rescore

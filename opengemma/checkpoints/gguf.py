@@ -111,6 +111,9 @@ class _Cursor:
             raise _Corrupt(f"invalid UTF-8 string at byte {start}") from None
 
 
+_U64 = struct.Struct("<Q")
+
+
 def _value_type(raw: int) -> GGUFValueType:
     try:
         return GGUFValueType(raw)
@@ -134,10 +137,19 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, strings: bool):
                 raise _Corrupt(f"string array of {count} entries cannot fit in the file")
             if strings:
                 return [cur.string() for _ in range(count)]
-            # Tokenizer vocabularies are the bulk of the header; skip them, keep the length.
+            # Tokenizer vocabularies are the bulk of the header; skip them, keep the length. The loop
+            # is inlined (one unpack per entry, no method calls): 262k entries in ~0.1 s instead of
+            # ~0.5 s, on every start of the embedded model.
+            buf, pos, size, unpack = cur.buf, cur.pos, cur.size, _U64.unpack_from
             for _ in range(count):
-                cur.take(cur.scalar("<Q"))
-            return _SkippedStrings(count)
+                if pos + 8 > size:
+                    break
+                pos += 8 + unpack(buf, pos)[0]
+            else:
+                if pos <= size:
+                    cur.pos = pos
+                    return _SkippedStrings(count)
+            raise _Corrupt(f"truncated at byte {min(pos, size)} (a string array runs past the end of the file)")
         if count > cur.size:
             raise _Corrupt(f"nested array of {count} entries cannot fit in the file")
         return [_read_value(cur, item_type, strings) for _ in range(count)]

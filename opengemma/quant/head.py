@@ -112,11 +112,15 @@ class ScreenedEmbedding(QuantizedEmbedding):
         top, idx = top_candidates(logits, C)  # [M, C], largest first
         return self._rescore(x, logits, top[:, -1], idx).reshape(*h.shape[:-1], V)
 
-    @torch.compiler.disable
+    # Eager even inside a compiled decode step (opengemma.compiled applies torch.compiler.disable
+    # to these when it compiles; as a decorator it would import torch._dynamo, ~1 s of every
+    # command's start-up): inductor cannot lower the packed int8 kernel on gathered rows, and the
+    # fallback's branch depends on the data.
+    compile_eager = ("_rescore",)
+
     def _rescore(self, x: torch.Tensor, logits: torch.Tensor, last: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The candidates' exact values into ``logits`` [M, V], the fallback, the counts. Eager
-        even inside a compiled decode step: inductor cannot lower the packed int8 kernel on
-        gathered rows, and the fallback's branch depends on the data."""
+        """The candidates' exact values into ``logits`` [M, V], the fallback, the counts (eager
+        under ``torch.compile``: ``compile_eager``)."""
         exact = self.inner.columns(x, idx)  # [M, C] the 8-bit head's values
         # index_put_, not scatter_: on bf16 logits scatter_ copied all M x V of them (~0.5 ms a row)
         logits.index_put_((torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx), idx), exact)
