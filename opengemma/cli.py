@@ -103,8 +103,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_SPECULATE = 64  # generate.MAX_SPECULATE
 DRAFT_SPECULATE = 4  # --draft without --speculate
 # --speculate auto (the default): prompt-lookup drafts, at most 4 per forward. On the embedded 270M
-# (mixed + bf16, 2 threads) it took greedy decoding from 0.65-0.74x llama.cpp's speed to 1.6-1.8x
-# on the bench's and the chat prompt sets, with the same text (bench/results/cpu-spec-mixed-*.md);
+# (mixed + bf16, 2 threads) it took greedy decoding from 0.62-0.74x llama.cpp's speed to 1.44-1.80x
+# on the bench's and the chat prompt sets, with the same text (bench/results/cpu-spec*-xeon.md,
+# cpu-default-xeon.md);
 # where the text does not repeat (sampling at temperature 1) few drafts are proposed (1.07-1.09
 # tokens per forward), and a step without drafts is a plain decode step.
 AUTO_SPECULATE = 4
@@ -182,7 +183,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
                         "and check them all in one forward. Lossless: greedy text is the same (up to float "
                         "near-ties), sampling draws from the same distribution (a seed gives other text than "
                         "with --speculate 0); faster when the text repeats what came before (quotes, lists, "
-                        "code, loops: the embedded model's greedy text 1.6-1.8x llama.cpp's speed), about "
+                        "code, loops: the embedded model's greedy text 1.4-1.8x llama.cpp's speed), about "
                         f"plain speed when it does not. Default auto = {AUTO_SPECULATE} (0 with --compile); "
                         "0 = off")
     p.add_argument("--stats", action="store_true",
