@@ -138,8 +138,8 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, strings: bool):
             if strings:
                 return [cur.string() for _ in range(count)]
             # Tokenizer vocabularies are the bulk of the header; skip them, keep the length. The loop
-            # is inlined (one unpack per entry, no method calls): 262k entries in ~0.1 s instead of
-            # ~0.5 s, on every start of the embedded model.
+            # is inlined (one unpack per entry, no method calls): the embedded model's header (262k
+            # tokens) parses in ~0.035 s instead of ~0.4 s, on every start.
             buf, pos, size, unpack = cur.buf, cur.pos, cur.size, _U64.unpack_from
             for _ in range(count):
                 if pos + 8 > size:
