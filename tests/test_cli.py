@@ -134,6 +134,9 @@ def test_speculate_auto_resolves_per_command_line():
     assert resolve_speculate(None, draft=True, compile=False) == resolve_speculate(0, draft=True, compile=False) \
         == DRAFT_SPECULATE
     assert resolve_speculate(2, draft=True, compile=False) == 2
+    # generate defaults to auto; chat to plain decoding (see cli._decode_args)
+    assert cli.build_parser().parse_args(["generate", "x"]).speculate is None
+    assert cli.build_parser().parse_args(["chat"]).speculate == 0
 
 
 def test_max_new_tokens_is_cut_to_the_context():
