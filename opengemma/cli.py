@@ -105,8 +105,9 @@ DRAFT_SPECULATE = 4  # --draft without --speculate
 # --speculate auto (generate's default; chat's is 0, see _decode_args): prompt-lookup drafts, at
 # most 4 per forward. On the embedded 270M (mixed + bf16, 2 threads) it took greedy decoding from
 # 0.62-0.74x llama.cpp's speed to 1.44-1.80x on the bench's and the chat prompt sets, with the same
-# text (bench/results/cpu-spec*-xeon.md and cpu-default-xeon.md). Where the text does not repeat (sampling at temperature 1) few drafts are
-# proposed (1.07-1.09 tokens per forward), and a step without drafts is a plain decode step.
+# text (bench/results/cpu-spec*-xeon.md and cpu-default-xeon.md). Where the text does not repeat
+# (sampling at temperature 1) few drafts are proposed (1.07-1.09 tokens per forward), and a step
+# without drafts is a plain decode step.
 AUTO_SPECULATE = 4
 _speculate_k = int_range(0, MAX_SPECULATE, what=" (0 = off, or auto)")
 
