@@ -102,12 +102,9 @@ MAX_TOP_K = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_SPECULATE = 64  # generate.MAX_SPECULATE
 DRAFT_SPECULATE = 4  # --draft without --speculate
-# --speculate auto (generate's default; chat's is 0, see _decode_args): prompt-lookup drafts, at
-# most 4 per forward. On the embedded 270M (mixed + bf16, 2 threads) it took greedy decoding from
-# 0.62-0.74x llama.cpp's speed to 1.44-1.80x on the bench's and the chat prompt sets, with the same
-# text (bench/results/cpu-spec*-xeon.md and cpu-default-xeon.md). Where the text does not repeat
-# (sampling at temperature 1) few drafts are proposed (1.07-1.09 tokens per forward), and a step
-# without drafts is a plain decode step.
+# --speculate auto (generate's default): prompt lookup, <= 4 drafts per forward. Embedded 270M greedy
+# decode 0.62-0.74x -> 1.44-1.80x llama.cpp, same text (bench/results/cpu-spec*-xeon.md,
+# cpu-default-xeon.md); text that does not repeat gets few drafts, and a draftless step is plain.
 AUTO_SPECULATE = 4
 _speculate_k = int_range(0, MAX_SPECULATE, what=" (0 = off, or auto)")
 
@@ -177,8 +174,8 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
 
 
 def _decode_args(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
-    # chat defaults to plain decoding: in two full CI runs a Ctrl-C during a speculative chat reply
-    # was never acted on (never reproduced alone; cause not found), and Ctrl-C must stop a reply.
+    # chat decodes plainly by default until the full-CI-only lost Ctrl-C of its reply (seen with and
+    # without speculation) is understood.
     default = (f"Default auto = {AUTO_SPECULATE} (0 with --compile)" if auto
                else f"Default 0 here (auto = {AUTO_SPECULATE}, as in `generate`)")
     p.add_argument("--speculate", type=speculate_type, default=None if auto else 0, metavar="K",

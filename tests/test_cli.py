@@ -307,9 +307,8 @@ class _Terminal:
         return out
 
     def interrupt_reply(self, answer: bytes) -> None:
-        """Ctrl-C while a reply streams. Once in a full CI run the first one was lost (the reply ran
-        to its end without stopping; never reproduced alone), so a Ctrl-C that gets no answer in a
-        few seconds is sent again, as at the prompt."""
+        """Ctrl-C while a reply streams; one that gets no answer in a few seconds is sent again, as
+        at the prompt."""
         for _ in range(5):
             os.write(self.fd, b"\x03")
             try:
