@@ -173,19 +173,15 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
                    help="stop when TEXT is generated (repeatable); EOS and <end_of_turn> always stop")
 
 
-def _decode_args(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
-    # chat decodes plainly by default until the full-CI-only lost Ctrl-C of its reply (seen with and
-    # without speculation) is understood.
-    default = (f"Default auto = {AUTO_SPECULATE} (0 with --compile)" if auto
-               else f"Default 0 here (auto = {AUTO_SPECULATE}, as in `generate`)")
-    p.add_argument("--speculate", type=speculate_type, default=None if auto else 0, metavar="K",
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", type=speculate_type, default=None, metavar="K",
                    help="speculative decoding: guess up to K next tokens by prompt lookup (what followed the "
                         "latest earlier occurrence of the last few tokens, in the prompt or the text so far) "
                         "and check them all in one forward. Lossless: greedy text is the same (up to float "
                         "near-ties), sampling draws from the same distribution (a seed gives other text than "
                         "with --speculate 0); faster when the text repeats what came before (quotes, lists, "
                         "code, loops: the embedded model's greedy text 1.4-1.8x llama.cpp's speed), about "
-                        f"plain speed when it does not. {default}; 0 = off")
+                        f"plain speed when it does not. Default auto = {AUTO_SPECULATE} (0 with --compile); 0 = off")
     p.add_argument("--stats", action="store_true",
                    help="after generating, print to stderr: tokens, prefill and decode speed (tokens/s), and "
                         "with --speculate the share of guessed tokens accepted and tokens per forward")
@@ -220,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "instruction-tuned model: the embedded base model rambles and may not end its turns.")
     _model_args(p)
     _sampling_args(p, 512)
-    _decode_args(p, auto=False)
+    _decode_args(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn)")
 
     p = sub.add_parser("info", help="show a model's config and parameter counts", epilog=EPILOG,
