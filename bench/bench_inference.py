@@ -81,7 +81,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from machine import CpuMeter, git_state, machine_info, wait_idle  # noqa: E402 (stdlib only)
-from inference_engines import (ENGINES, REFERENCE, SPECULATIVE, VARIANTS, Worker,  # noqa: E402 (stdlib only)
+from inference_engines import (ENGINES, OWN_COLD_START, REFERENCE, SPECULATIVE, VARIANTS, Worker,  # noqa: E402
                                engine_available, run_cold_start_once, summarize_cold_starts)
 from inference_report import (RATIO_NOTE, contended, make_details, make_table,  # noqa: E402 (stdlib only)
                               targets, write_record)
@@ -387,7 +387,7 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
         return
     # Rounds over the engines (the first going first rotates), as for the timed measurements: a
     # burst of other work on the machine hits every engine alike instead of one engine's runs.
-    engines = [e for e in args.engines if "summary" in results[e] and e not in SPECULATIVE]
+    engines = [e for e in args.engines if "summary" in results[e] and (e not in SPECULATIVE or e in OWN_COLD_START)]
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     other: dict[str, list[float]] = {e: [] for e in engines}
     broken: dict[str, str] = {}
@@ -416,7 +416,8 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
         res["cold_start"] = cold
         res["summary"].update(cold_s=cold["s"], cold_peak_rss_mib=cold["peak_rss_mib"],
                               cold_other_load_cores=cold["other_load_cores"])
-        for spec in (e for e, v in SPECULATIVE.items() if v == engine and "summary" in results.get(e, {})):
+        for spec in (e for e, v in SPECULATIVE.items()
+                     if v == engine and e not in OWN_COLD_START and "summary" in results.get(e, {})):
             results[spec]["summary"].update(cold_s=cold["s"], cold_peak_rss_mib=cold["peak_rss_mib"])
         log(f"{engine}: cold start {cold['s']:.2f} s (runs {', '.join(f'{x:.2f}' for x in cold['runs_s'])})", t0)
 

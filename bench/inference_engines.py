@@ -55,6 +55,12 @@ SPECULATIVE = {f"{v}-spec": v for v in ("opengemma", "opengemma-bf16", "opengemm
 # of prompt lookup; skipped without one. bf16 first: there a k + 1-row forward costs ~1.1x one row.
 DRAFTED = {f"{v}-draft": v for v in ("opengemma-bf16", "opengemma-mixed-bf16", "opengemma") if v in VARIANTS}
 SPECULATIVE.update(DRAFTED)
+# What `opengemma generate` runs with no flags (--quantize auto --speculate auto on this GGUF: mixed
+# + bf16 with prompt lookup). It decodes as "opengemma-mixed-bf16-spec"; its cold start is the
+# command's own (`opengemma generate PROMPT -n 1`: argument parsing and the auto choice included).
+DEFAULT_ENGINE = "opengemma-default"
+SPECULATIVE[DEFAULT_ENGINE] = "opengemma-mixed-bf16"
+OWN_COLD_START = (DEFAULT_ENGINE,)
 ENGINES = (*VARIANTS, *SPECULATIVE, "transformers", "llama.cpp")
 REFERENCE = "opengemma"  # fp32: its prompt ids are every engine's input, its greedy tokens the reference
 
@@ -409,6 +415,10 @@ def cold_start(engine: str, gguf: str, threads: int) -> None:
                               verbose=False)
         llm(COLD_PROMPT, max_tokens=1, temperature=0.0)
         return
+    if engine in OWN_COLD_START:  # the command line itself (OMP_NUM_THREADS sets its threads)
+        from opengemma.cli import main
+
+        sys.exit(main(["generate", COLD_PROMPT, "-n", "1", "--model", gguf]))
     import torch
 
     torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from inference_engines import REFERENCE, SPECULATIVE, VARIANTS
+from inference_engines import OWN_COLD_START, REFERENCE, SPECULATIVE, VARIANTS
 from machine import BUSY_CORES
 
 HERE = Path(__file__).resolve().parent
@@ -163,6 +163,7 @@ def write_record(report: dict, text: str, name: str) -> tuple[Path, Path]:
                 for e in report["engines"] if e in VARIANTS]
     variants += [f"{e} = {SPECULATIVE[e]} decoding speculatively (prompt lookup, at most "
                  f"{report['settings'].get('speculate')} drafts per forward)"
+                 + ("; cold start: `opengemma generate PROMPT -n 1`, the command itself" if e in OWN_COLD_START else "")
                  for e in report["engines"] if e in SPECULATIVE]
     md = [f"# bench_inference: {name}", "",
           f"- date: {report['date']}",

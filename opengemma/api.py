@@ -140,10 +140,16 @@ def auto_mode(src: Source, device: torch.device) -> tuple[str | None, str | None
     (float checkpoints, presets, GPUs) runs unquantized in the usual default dtype."""
     if device.type != "cpu" or src.kind != "gguf":
         return None, None
-    from .checkpoints import gguf
 
-    with gguf._Mapped(src.path) as m:
-        quantized = any(t.qtype.name not in FLOAT_GGUF for t in m.header.tensors)
+    def probe() -> bool:
+        from .checkpoints import gguf
+
+        with gguf._Mapped(src.path) as m:
+            return any(t.qtype.name not in FLOAT_GGUF for t in m.header.tensors)
+
+    # Remembered with the weight cache: parsing the header (and importing gguf-py) cost ~0.1 s of
+    # every start.
+    quantized = weight_cache.remember(src.path, "gguf_quantized", probe) if weight_cache.enabled() else probe()
     return ("mixed", "bfloat16") if quantized else (None, None)
 
 

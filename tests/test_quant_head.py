@@ -306,6 +306,47 @@ def test_auto_default_is_mixed_bf16_for_a_quantized_gguf_on_the_cpu_only(tmp_pat
     assert g.model.final_norm.weight.dtype == torch.float32 and not isinstance(g.model.embed, ScreenedEmbedding)
 
 
+def test_auto_mode_parses_a_gguf_header_once_per_file_version(tmp_path, monkeypatch, gguf_path):
+    """auto_mode's answer is remembered with the weight cache (the header parse and the gguf-py
+    import cost ~0.1 s of every start); a changed file is parsed again; without a cache it parses."""
+    import os
+    import shutil
+
+    from opengemma.api import auto_mode, resolve
+    from opengemma.checkpoints import cache as weight_cache
+    from opengemma.checkpoints import gguf
+
+    monkeypatch.setenv("OPENGEMMA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPENGEMMA_NO_CACHE", raising=False)
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(gguf_path, path)
+    parses = []
+    real = gguf._Mapped
+
+    def counted(*args, **kwargs):
+        parses.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "_Mapped", counted)
+    cpu = torch.device("cpu")
+    assert auto_mode(resolve(str(path)), cpu) == ("mixed", "bfloat16") and len(parses) == 1
+    assert auto_mode(resolve(str(path)), cpu) == ("mixed", "bfloat16") and len(parses) == 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new version of the file
+    assert auto_mode(resolve(str(path)), cpu) == ("mixed", "bfloat16") and len(parses) == 2
+    monkeypatch.setenv("OPENGEMMA_NO_CACHE", "1")
+    assert auto_mode(resolve(str(path)), cpu) == ("mixed", "bfloat16") and len(parses) == 3
+    monkeypatch.delenv("OPENGEMMA_NO_CACHE")
+
+    def read_only(*_):
+        raise PermissionError("read-only cache")
+
+    monkeypatch.setattr(weight_cache, "_write_index", read_only)  # a read-only cache still answers
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert auto_mode(resolve(str(path)), cpu) == ("mixed", "bfloat16") and len(parses) == 4
+    assert auto_mode(resolve(str(path)), cpu) == ("mixed", "bfloat16") and len(parses) == 5  # not kept
+
+
 def test_cache_entries_are_aligned_for_the_packed_kernels(tmp_path):
     """The converted-weight cache memory-maps its tensors; torch's packed int8 kernel faults on a
     weight that is not 64-byte aligned (seen with mixed mode's entry), so entries align every tensor."""

@@ -26,8 +26,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,21 +82,34 @@ def _write_index(file: Path, data: dict) -> None:
     os.replace(tmp, file)
 
 
-def _file_sha256(path: Path, root: Path) -> str:
-    """Content hash of ``path``, remembered per (path, size, mtime) so it is computed once."""
+def remember(path: Path, what: str, compute: Callable[[], Any], root: Path | None = None) -> Any:
+    """A fact about the file ``path`` (JSON-able), computed once per (path, size, mtime) and kept in
+    ``ROOT/{what}.json``; recomputed, and not kept, where the cache cannot be written."""
     st = path.stat()
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    index = root / "hashes.json"
+    index = (root or cache_root()) / f"{what}.json"
     known = _read_index(index)
     if ident in known:
         return known[ident]
+    known[ident] = compute()
+    try:
+        _write_index(index, known)
+    except OSError:
+        pass  # a read-only cache: computed again next time
+    return known[ident]
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
             digest.update(block)
-    known[ident] = digest.hexdigest()
-    _write_index(index, known)
-    return known[ident]
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path, root: Path) -> str:
+    """Content hash of ``path``, remembered per (path, size, mtime) so it is computed once."""
+    return remember(path, "hashes", lambda: _sha256(path), root)
 
 
 def entry_dir(source: Path, **options) -> Path:

@@ -18,6 +18,12 @@ from ..errors import OpenGemmaError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("fp32", "bf16")
+# Choices of the instruction-tuning runs, here (not in sft/rl) so that the command line's parser
+# can name them without importing those modules at every start.
+SFT_FILTERS = ("pii", "toxicity", "selfid", "dedup")  # the default filters of `train sft`
+ALL_SFT_FILTERS = SFT_FILTERS + ("dedup-near",)
+TOXICITY_THRESHOLD = 0.8  # replies scoring at least this are dropped
+RL_ALGOS = ("rloo", "grpo", "jbond")
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,11 @@ import torch
 
 from ..chat import format_chat
 from ..errors import OpenGemmaError
+from .config import RL_ALGOS as ALGOS
+from .data import RowStream
 from .losses import LossOutput
 from .prefs import Prompt
 from .rollout import Rollout, SeqBatch, rollout, sequence_logprobs, to_batch
-from .data import RowStream
-
-ALGOS = ("rloo", "grpo", "jbond")
 
 
 # -- rewards ---------------------------------------------------------------------------------------------

@@ -36,11 +36,10 @@ import numpy as np
 from ..chat import format_chat
 from ..data.packing import PackedRow, Packer
 from ..errors import OpenGemmaError
+from .config import ALL_SFT_FILTERS as ALL_FILTERS
+from .config import SFT_FILTERS as FILTERS
+from .config import TOXICITY_THRESHOLD
 from .prefs import Skips
-
-FILTERS = ("pii", "toxicity", "selfid", "dedup")
-ALL_FILTERS = FILTERS + ("dedup-near",)
-TOXICITY_THRESHOLD = 0.8
 
 # A reply that names itself as another assistant or as made by another lab. Mentions of such
 # systems in third person ("ChatGPT is a model by OpenAI") are not self-identification.

@@ -76,7 +76,9 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, seq_len: int, 
 
 def add_tune_parsers(verbs) -> None:
     """Register ``sft``, ``rm``, ``rl`` and ``adapter`` on ``opengemma train``'s verbs."""
-    from .sft import ALL_FILTERS, FILTERS, TOXICITY_THRESHOLD
+    from .config import ALL_SFT_FILTERS as ALL_FILTERS
+    from .config import SFT_FILTERS as FILTERS
+    from .config import TOXICITY_THRESHOLD
 
     s = verbs.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA)",
                          description="Fine-tune CHECKPOINT on conversations: TRL's {\"messages\": [...]} (roles system/"
@@ -117,7 +119,7 @@ def add_tune_parsers(verbs) -> None:
                          "--reward RM_DIR. Rollouts are sampled from the weights being trained (temperature 1). "
                          "Logs reward, KL to the reference, held-out reward; RUN/rl.png.")
     _common(q, lr=1e-6, steps=200, seq_len=1024, micro=8)
-    from .rl import ALGOS
+    from .config import RL_ALGOS as ALGOS
 
     q.add_argument("--algo", choices=ALGOS, default="rloo")
     q.add_argument("--reward", required=True, metavar="gsm8k|RM_DIR", help="gsm8k correctness, or a reward model directory")
