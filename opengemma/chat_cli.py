@@ -70,9 +70,10 @@ def _repl(g, args, interactive: bool) -> int:
     if interactive:
         print(f"Chatting with {g.name}. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
               file=sys.stderr)
-        if args.model is None:
+        if args.model is None and not getattr(args, "adapter", None):
             print("Note: the embedded model is pretrained, not instruction-tuned: its replies ramble and may "
-                  "not end by themselves (-n caps them).", file=sys.stderr)
+                  "not end by themselves (-n caps them). --adapter default adds the shipped chat adapter, "
+                  "whose turns mostly end.", file=sys.stderr)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     base = len(history)
     quitting = False  # the last input was a Ctrl-C at the prompt

@@ -153,7 +153,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "cache size, 10-15 s once inductor's disk cache has it), later ones reuse it: "
                         "worth it for long generations and servers, not for a short one-off")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (`opengemma train adapter`) "
-                   "merged into MODEL's weights at load time")
+                   "merged into MODEL's weights at load time; 'default' is the chat adapter shipped for the "
+                   "embedded model (its chat turns mostly end; the base model's run on)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
