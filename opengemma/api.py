@@ -129,6 +129,7 @@ class Gemma:
         return pieces if stream else "".join(pieces)
 
 
+KERNELS = ("auto", "native", "torch")  # load(kernels=...): the quantized linears' CPU kernels
 FLOAT_GGUF = frozenset({"F32", "F16", "BF16", "F64"})  # GGUF tensor types that are not quantized
 
 
@@ -153,9 +154,30 @@ def auto_mode(src: Source, device: torch.device) -> tuple[str | None, str | None
     return ("mixed", "bfloat16") if quantized else (None, None)
 
 
+def use_kernels(net, kernels: str = "auto") -> int:
+    """Route a quantized model's decode-sized CPU calls through opengemma's native kernels
+    (:mod:`opengemma.quant.native`) as ``load(kernels=...)`` asks; returns how many layers use them."""
+    from . import quant
+
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    quantized = isinstance(getattr(net, "embed", None), quant.QuantizedEmbedding)
+    if kernels == "native" and not quantized:
+        raise OpenGemmaError("kernels='native' needs a quantized model (quantize='int8', 'int4', 'mixed', or 'auto' on a "
+                         "quantized GGUF file)")
+    if not quantized:
+        return 0
+    from .quant import native
+
+    n = native.use_native(net, kernels != "torch")
+    if n == 0 and kernels == "native":
+        raise OpenGemmaError(f"opengemma's native kernels are unavailable: {native.unavailable_reason() or 'no layer fits'}")
+    return n
+
+
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, seed: int = 0, quantize: str | None = None,
-         compile: bool = False) -> Gemma:
+         compile: bool = False, kernels: str = "auto") -> Gemma:
     """Load a model (None = the embedded Gemma 3 270M) ready for generation.
 
     ``seed`` only matters for presets, whose weights are random (:meth:`GemmaModel.init_weights`).
@@ -164,6 +186,12 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     copy of the model. "mixed" keeps int8's weights (a GGUF's 4-bit tensors as int4, the rest
     int8) and reads the 8-bit output head through a 4-bit screen when decoding: the top
     candidates carry exact 8-bit logits (:mod:`opengemma.quant.head`).
+    ``kernels`` (quantized models on the CPU): "auto" (default) runs decode-sized calls (at most 8
+    rows) through opengemma's own int8 x int8 kernels where the CPU and a C compiler allow
+    (:mod:`opengemma.quant.native`: activations rounded to 8 bits per block of 32, as llama.cpp
+    does; the exact 8-bit head values stay on PyTorch's kernel), else PyTorch's; "native" insists on
+    them (ValueError naming what is missing); "torch" keeps PyTorch's weight-only kernels (bf16
+    activations).
     ``compile``: run the decode step through ``torch.compile`` (:mod:`opengemma.compiled`; CUDA
     graphs on GPU), falling back to eager with a one-line warning where compiling fails.
 
@@ -172,6 +200,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     """
     from . import quant
 
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     quantize = None if quantize in (None, "none") else quantize
     if quantize is not None and quantize != "auto":
         quant.check_mode(quantize)
@@ -198,6 +228,7 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
         tokenizer = load_tokenizer(src, net.config)
     if quantize and not isinstance(net.embed, quant.QuantizedEmbedding):
         quant.quantize_model(net, quantize)
+    use_kernels(net, kernels)
     if compile:
         from . import compiled
 

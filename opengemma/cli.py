@@ -147,6 +147,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "quality, fewer bytes per token. auto (default): mixed with bf16 activations for a "
                         "quantized GGUF file on the CPU (the embedded model: perplexity within 1%% of "
                         "llama.cpp's, about 1.9x fp32's decode speed), none for anything else")
+    p.add_argument("--kernels", choices=["auto", "native", "torch"], default="auto",
+                   help="CPU kernels of a quantized model's decode steps: native = opengemma's own int8 x int8 "
+                        "ones (AVX-512 VNNI; activations rounded to 8 bits per block of 32, as llama.cpp "
+                        "does; built with the C compiler at first use), torch = PyTorch's weight-only ones "
+                        "(bf16 activations); auto (default): native where the CPU and a compiler allow")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (CUDA graphs on GPU); the first "
                         "generation in a process pays the compile time (on a CPU about a minute for a new "
@@ -296,7 +301,7 @@ def _load(args):
     from .process import load_for_command
 
     g = load_for_command(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, device=args.device,
-                         quantize=args.quantize, compile=args.compile)
+                         quantize=args.quantize, compile=args.compile, kernels=args.kernels)
     if getattr(args, "draft", None):  # the draft head for this model (checked against its config)
         from .draft import load_drafter
 

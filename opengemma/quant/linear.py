@@ -67,6 +67,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import native
+
 __all__ = [
     "MODES",
     "Int4Linear",
@@ -155,6 +157,7 @@ class Int8Linear(nn.Module):
         self.act_dtype = act_dtype
         self.compute_dtype = compute_dtype or _default_compute_dtype(qweight.device, act_dtype)
         self.packed_ok = qweight.device.type in ("cpu", "cuda")  # aten kernel exists; cleared on error
+        self.native = False  # opengemma's int8 x int8 kernels for few rows (:func:`.native.use_native`)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, act_dtype=None, compute_dtype=None) -> Int8Linear:
@@ -193,7 +196,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self._matmul(x.reshape(-1, self.in_features), self.qweight, self.scales)
+        x2 = x.reshape(-1, self.in_features)
+        y = native.forward(self, x2) if self.native else None
+        if y is None:
+            y = self._matmul(x2, self.qweight, self.scales)
         return y.reshape(*shape[:-1], self.out_features)
 
     def columns(self, x2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -333,6 +339,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("rows_plain", rows_plain)
         self.packed_ok = layout != "plain"
+        self.native = False  # opengemma's int8 x int8 kernels for few rows (:func:`.native.use_native`)
 
     @classmethod
     def from_qsz(cls, q, scale, zero, group_size: int, *, act_dtype, compute_dtype=None, keep_rows=False):
@@ -375,6 +382,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        y = native.forward(self, x2) if self.native else None
+        if y is not None:
+            return y.reshape(*shape[:-1], self.out_features)
         if self.packed_ok and (x2.shape[0] <= dense_rows(self, x.dtype) or self.layout == "cuda"):
             try:
                 return self.packed(x2).reshape(*shape[:-1], self.out_features)

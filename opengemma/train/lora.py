@@ -366,13 +366,14 @@ def load_adapter(model: nn.Module, path, *, merge_weights: bool = True) -> nn.Mo
     return model
 
 
-def load_with_adapter(model, adapter, *, dtype=None, device=None, quantize=None, compile: bool = False):
+def load_with_adapter(model, adapter, *, dtype=None, device=None, quantize=None, compile: bool = False,
+                      kernels: str = "auto"):
     """``opengemma.load`` of ``model`` with the LoRA adapter at ``adapter`` merged in (the commands'
     ``--adapter PATH``): loaded in float32, merged, then cast to ``dtype``, quantized and compiled
     as asked (quantizing after merging keeps the adapter's small deltas exact until then)."""
     from .. import compiled as compiled_mod
     from .. import quant
-    from ..api import auto_mode, parse_dtype, resolve
+    from ..api import auto_mode, parse_dtype, resolve, use_kernels
     from ..process import load_for_command
 
     g = load_for_command(model, dtype="float32", device=device)
@@ -384,6 +385,7 @@ def load_with_adapter(model, adapter, *, dtype=None, device=None, quantize=None,
     if quantize not in (None, "none"):
         quant.check_mode(quantize)
         quant.quantize_model(g.model, quantize)
+    use_kernels(g.model, kernels)
     if compile:
         compiled_mod.enable(g.model)
     g.name = f"{g.name}+{'adapter-default' if adapter_dir(adapter).parent == SHIPPED_DIR else Path(adapter).name}"
