@@ -42,6 +42,10 @@ VARIANTS = {
     "opengemma-int4-bf16-compile": {"dtype": "bfloat16", "quantize": "int4", "compile": True},
     "opengemma-mixed": {"dtype": "float32", "quantize": "mixed"},
     "opengemma-mixed-bf16": {"dtype": "bfloat16", "quantize": "mixed"},
+    # PyTorch's weight-only kernels (bf16 activations) instead of opengemma's native int8 x int8
+    # ones, which every quantized variant above uses where the CPU allows (opengemma.quant.native)
+    "opengemma-mixed-bf16-torch": {"dtype": "bfloat16", "quantize": "mixed", "kernels": "torch"},
+    "opengemma-int8-torch": {"dtype": "float32", "quantize": "int8", "kernels": "torch"},
     "opengemma-mixed-bf16-compile": {"dtype": "bfloat16", "quantize": "mixed", "compile": True},
 }
 # Speculative engines: "<variant>-spec" loads as the variant and decodes with lossless speculative
@@ -147,6 +151,11 @@ def load_variant(engine: str, gguf: str):
             raise Skipped("opengemma.load has no compile option")
     else:
         opts.pop("compile", None)  # keeps the other variants loadable by an opengemma without it
+    if opts.get("kernels") == "torch":
+        import inspect
+
+        if "kernels" not in inspect.signature(opengemma.load).parameters:
+            opts.pop("kernels")  # an opengemma before the native kernels: PyTorch's were the only ones
     try:  # as the commands load (their process settings included): what `opengemma generate` runs
         from opengemma.process import load_for_command
     except ImportError:  # an opengemma whose load() applied them itself
@@ -168,6 +177,12 @@ class _OpenGemma:
 
         self.import_s = time.perf_counter() - t
         self.gen = gen
+        try:  # greedy as generate() picks it (a chunked argmax on the CPU)
+            from opengemma.sampling import argmax as fast_argmax
+
+            self.argmax = fast_argmax
+        except ImportError:  # an opengemma without it
+            self.argmax = lambda x: x.argmax(-1)
         t = time.perf_counter()
         self.g = load_variant(engine, s["gguf"])
         self.load_s = time.perf_counter() - t
@@ -225,13 +240,13 @@ class _OpenGemma:
             pos = torch.zeros((1, 1), dtype=torch.long)
             for i in range(steps):
                 t = time.perf_counter()
-                nxt = logits.argmax(-1)  # [1]
+                nxt = self.argmax(logits)  # [1]
                 out.append(nxt.item())
                 tok.copy_(nxt[:, None])
                 pos.fill_(P + i)
                 logits = self.gen.decode_step(model, tok, pos, self.cache)  # [1, V]
                 times.append(time.perf_counter() - t)
-            out.append(int(logits.argmax(-1).item()))
+            out.append(int(self.argmax(logits).item()))
         return times, out
 
     def late_info(self) -> dict:
@@ -251,8 +266,13 @@ class _OpenGemma:
         from opengemma.logprobs import perplexity
 
         self.cache, self.cache_for = None, None
+        # Native kernels take decode-sized calls only: score in forwards of that size, so that the
+        # figure is what decoding computes (bulk forwards would run PyTorch's kernels).
+        chunk = 512
+        if any(getattr(m, "native", False) for m in self.g.model.modules()):
+            from opengemma.quant.native import MAX_ROWS as chunk
         with self.torch.inference_mode():
-            return perplexity(self.g.model, ids)
+            return perplexity(self.g.model, ids, chunk=chunk)
 
 
 class _OpenGemmaSpec(_OpenGemma):

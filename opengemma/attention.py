@@ -23,7 +23,8 @@ Implementations, chosen in :func:`attend`:
   keys [0, e) only, so the masked upper triangle is mostly never computed (a 512-token 270M
   prefill in bf16: 3.1 vs 6.5 ms per layer for torch's CPU flash kernel).
 * CPU inference, one query per row (decoding): two batched matmuls (embedded 270M, bf16, 576
-  keys: 165 vs 500 us per layer for the CPU flash kernel, which is built for blocks of queries).
+  keys: 165 vs 500 us per layer for the CPU flash kernel, which is built for blocks of queries);
+  bf16 with at most :data:`UPCAST_SLOTS` keys runs them in fp32 (faster there, see :func:`_matmul`).
 * Soft-capped attention: matmuls over blocks of :data:`SOFTCAP_BLOCK` queries, so at most one
   block of fp32 scores exists at a time however long the sequence; under autograd each block is
   recomputed in the backward pass (activation checkpointing per block) instead of kept.
@@ -40,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 CAUSAL_BLOCK = 256  # queries per block of CPU causal attention
 SOFTCAP_BLOCK = 512  # queries per block of soft-capped attention (bounds its fp32 scores)
+UPCAST_SLOTS, UPCAST_ROWS = 256, 64  # bf16 attention over at most this many keys / query rows: in fp32 (_matmul)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype, *,
@@ -152,6 +154,14 @@ def _matmul(q, k, v, mask, scale: float, cap: float | None):
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
+    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and S <= UPCAST_SLOTS and G * T <= UPCAST_ROWS
+            and not (torch.is_grad_enabled() and q.requires_grad)):
+        # A decode step's few query rows: PyTorch's bf16 batched matmuls are slow at this size on
+        # CPUs without AMX (one thread, 4 x 256 queries, 64 slots: ~200 us bf16, ~65 us converting
+        # q, k, v to fp32 first; even at 256 slots; bf16 ahead from ~400). fp32 scores are also
+        # the more exact (bf16 inputs are exact in fp32).
+        out = _matmul(q.float(), k.float(), v.float(), None if mask is None else mask.float(), scale, cap)
+        return out.to(q.dtype)  # [B, H, T, D]
     q3, k3, v3 = q.reshape(B * KV, G * T, D), k.reshape(B * KV, S, D), v.reshape(B * KV, S, D)
     mask3 = mask[:, :, None].expand(B, KV, G, T, S).reshape(B * KV, G * T, S)
     acc = torch.promote_types(q.dtype, torch.float32)

@@ -43,7 +43,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def scale(self) -> torch.Tensor:
-        return 1.0 + self.weight.float()  # [dim], fp32
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad or torch.compiler.is_compiling():
+            return 1.0 + w.float()  # [dim], fp32
+        # Inference: kept between calls (two kernels per norm, ~100 norms per decode step), keyed by
+        # the tensor's storage and version so that loading or editing the weight renews it.
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        cached = self.__dict__.get("_scale")
+        if cached is None or cached[0] != key:
+            cached = (key, 1.0 + w.detach().float())
+            self.__dict__["_scale"] = cached
+        return cached[1]  # [dim], fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) * w in fp32, as the reference.

@@ -382,6 +382,24 @@ def sampling_probs(logits: torch.Tensor, temperature: PerRow = 1.0, top_k: PerRo
     return out
 
 
+ARGMAX_CHUNK = 256
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for [..., V], in two passes on the CPU where V is wide: torch's
+    argmax is a slow scalar reduction there (262,144 fp32 logits, one thread: ~0.65 ms), a chunked
+    ``amax`` is vectorized (~0.06 ms). Chunk maxima, then the first chunk holding the row's maximum,
+    then argmax inside it: the same index as ``argmax`` (its first maximum; a NaN counts as the
+    maximum in both)."""
+    V = logits.shape[-1]
+    if logits.device.type != "cpu" or V % ARGMAX_CHUNK or V < 64 * ARGMAX_CHUNK or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    chunks = logits.view(*logits.shape[:-1], V // ARGMAX_CHUNK, ARGMAX_CHUNK)  # [..., n, chunk]
+    c = chunks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # [..., 1] the first chunk with the maximum
+    inner = chunks.gather(-2, c[..., None].expand(*c.shape, ARGMAX_CHUNK)).squeeze(-2)  # [..., chunk]
+    return c.squeeze(-1) * ARGMAX_CHUNK + inner.argmax(dim=-1)
+
+
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = None,
                       temperature: PerRow = 1.0, top_k: PerRow | None = None,
                       top_p: PerRow | None = None) -> torch.Tensor:
@@ -396,9 +414,9 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
     """
     temps, ks, ps = _params(logits, temperature, top_k, top_p)
     if not temps or max(temps) == 0:
-        return logits.argmax(dim=-1)  # all rows greedy: no randomness consumed, nothing to sort
-    # argmax is a slow reduction on CPU (~0.5 ms for 262,144 logits): only for greedy rows.
-    out = logits.argmax(dim=-1) if min(temps) == 0 else torch.zeros(len(temps), dtype=torch.long,
+        return argmax(logits)  # all rows greedy: no randomness consumed, nothing to sort
+    # argmax costs a pass over the logits: only for greedy rows.
+    out = argmax(logits) if min(temps) == 0 else torch.zeros(len(temps), dtype=torch.long,
                                                                        device=logits.device)  # [B]
     if generator is None:
         generator = torch.Generator(device=logits.device)

@@ -76,7 +76,7 @@ from .cache import KVCache
 from .generate import (PREFILL_CHUNK, GenerationClock, GenerationConfig, GenerationStats, RowState, StepEvent,
                        _device, cache_length, decode_step, finite_rows, make_generator, nonfinite_error, prefill,
                        sample_checked)
-from .sampling import draw, sampling_probs
+from .sampling import argmax, draw, sampling_probs
 
 
 @runtime_checkable
@@ -210,7 +210,7 @@ def verify(logits: torch.Tensor, drafts: Sequence[int], gen: GenerationConfig,
     drafts = list(drafts)
     if gen.temperature == 0:  # greedy, as sample_next_token: argmax, no randomness
         # A non-finite row reads -1: the flags ride on the one host sync with the argmaxes.
-        best = torch.where(finite_rows(logits), logits.argmax(dim=-1), -1).tolist()  # [T]
+        best = torch.where(finite_rows(logits), argmax(logits), -1).tolist()  # [T]
         n = 0
         while n < len(drafts) and best[n] == drafts[n]:
             n += 1

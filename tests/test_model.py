@@ -274,3 +274,31 @@ def test_fused_projections_equal_separate_and_unfuse_back(name):
         unfuse_projections(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_rmsnorm_scale_is_kept_for_inference_and_renewed_when_the_weight_changes():
+    from opengemma.model import RMSNorm
+
+    norm = RMSNorm(8, 1e-6)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        a = norm(x)
+        assert norm.scale() is norm.scale()  # kept between calls
+        norm.weight.add_(1.0)  # an in-place edit (loading, a training step) bumps the version
+        b = norm(x)
+    assert torch.allclose(b, 2 * a, atol=1e-6)
+    assert norm.scale() is not norm.scale()  # autograd: computed afresh each call
+    norm(x).sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+
+
+def test_bf16_decode_attention_over_few_keys_runs_in_fp32():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 1, 40, 32, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 40, dtype=torch.bfloat16)
+    mask[..., 30:] = torch.finfo(torch.bfloat16).min
+    with torch.inference_mode():
+        out = A.attend(q, k, v, scale=0.2, mask=mask)
+        ref = A.attend(q.float(), k.float(), v.float(), scale=0.2, mask=mask.float())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())

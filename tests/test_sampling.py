@@ -426,3 +426,20 @@ def test_mixed_batch_rows_each_follow_their_own_path():
     assert (draws[:, 0] == x[0].argmax()).all()
     for r in (1, 2, 3):  # the sampled rows are not secretly greedy: several tokens come up
         assert len(set(draws[:, r].tolist())) > 1
+
+
+def test_chunked_argmax_equals_torch_argmax_with_ties_and_nan():
+    gen = torch.Generator().manual_seed(0)
+    V = 64 * sampling.ARGMAX_CHUNK * 2
+    x = torch.randn(5, V, generator=gen)
+    x[1, [7, 3000, V - 1]] = 50.0  # ties: the first index wins
+    x[2, 9000] = float("nan")  # NaN counts as the maximum
+    x[3] = 0.0  # every value tied
+    x[4, V - 1] = 99.0
+    for dt in (torch.float32, torch.bfloat16):
+        y = x.to(dt)
+        assert torch.equal(sampling.argmax(y), y.argmax(dim=-1))
+        assert torch.equal(sampling.argmax(y[0]), y[0].argmax(dim=-1))  # one row, [V]
+    small = torch.randn(2, 1000, generator=gen)  # not a multiple of the chunk: torch's argmax
+    assert torch.equal(sampling.argmax(small), small.argmax(dim=-1))
+    assert torch.equal(sample_next_token(x, temperature=0.0), x.argmax(dim=-1))

@@ -108,7 +108,10 @@ class ScreenedEmbedding(QuantizedEmbedding):
         V, C = self.num_embeddings, self.candidates
         if not self.screening or x.shape[0] > self.max_rows or C >= V:
             return self.inner(h)
-        logits = self.screen(x)  # [M, V] 4-bit scores, in the activation dtype
+        # fp32 scores (the values of bf16 activations are exact in fp32): the selection's passes over
+        # the V scores run several times faster on fp32 than on bf16 on the CPU, and the model
+        # returns fp32 logits anyway
+        logits = self.screen(x.float())  # [M, V] 4-bit scores, fp32
         top, idx = top_candidates(logits, C)  # [M, C], largest first
         return self._rescore(x, logits, top[:, -1], idx).reshape(*h.shape[:-1], V)
 
@@ -121,7 +124,7 @@ class ScreenedEmbedding(QuantizedEmbedding):
     def _rescore(self, x: torch.Tensor, logits: torch.Tensor, last: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The candidates' exact values into ``logits`` [M, V], the fallback, the counts (eager
         under ``torch.compile``: ``compile_eager``)."""
-        exact = self.inner.columns(x, idx)  # [M, C] the 8-bit head's values
+        exact = self.inner.columns(x, idx).to(logits.dtype)  # [M, C] the 8-bit head's values
         # index_put_, not scatter_: on bf16 logits scatter_ copied all M x V of them (~0.5 ms a row)
         logits.index_put_((torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx), idx), exact)
         # Every non-candidate scored at most ``last`` (the C-th 4-bit score); where that reaches the

@@ -52,7 +52,7 @@ import torch
 
 from ..generate import CACHE_ROUND, GenerationConfig, RowState, decode_step, finite_rows, make_generator, prefill
 from ..logprobs import from_logits
-from ..sampling import sample_next_token
+from ..sampling import argmax, sample_next_token
 from .metrics import Metrics
 
 log = logging.getLogger("opengemma.serve")
@@ -425,7 +425,7 @@ class Engine:
         """Sample one token for each (sequence, row of ``logits`` [b, V]) and record the events; a
         row that fails (non-finite logits, sampling or detokenization raising) ends its sequence."""
         finite = finite_rows(logits)  # [b]
-        greedy, finite = torch.stack((logits.argmax(dim=-1), finite.long())).tolist()  # [2, b]: one host sync
+        greedy, finite = torch.stack((argmax(logits), finite.long())).tolist()  # [2, b]: one host sync
         now = time.monotonic()
         ttft, itl = [], []
         for seq, r in rows:
