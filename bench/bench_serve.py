@@ -132,6 +132,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--quantize", args.quantize, "--kernels", args.kernels]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     found: dict[str, str] = {}
     ready = threading.Event()
@@ -307,7 +308,8 @@ def markdown(name: str, report: dict) -> str:
            f"({m['torch_threads_default']} threads), Python {m['python']}"),
           (f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in report['loadavg_start'])}; "
            f"at end: {', '.join(f'{x:.2f}' for x in report['loadavg_end'])}"),
-          (f"- server: `opengemma serve` ({a['model'] or 'embedded Gemma 3 270M'}, fp32, CPU), --max-batch "
+          (f"- server: `opengemma serve` ({a['model'] or 'embedded Gemma 3 270M'}, CPU, --quantize "
+           f"{a.get('quantize', 'none (fp32)')} --kernels {a.get('kernels', 'torch')}), --max-batch "
            f"{a['max_batch']}, --max-queue {a['max_queue']}, --max-context {a['max_context']}; exit status after "
            f"SIGTERM: {report['server_exit_status']}"),
           (f"- clients: streaming /v1/completions, greedy, {a['max_tokens']} tokens each, "
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=4096, help="server --max-context (default 4096)")
     p.add_argument("--model", default=None, help="server --model (default: the embedded model)")
     p.add_argument("--threads", type=int, default=None, help="server --threads (default: torch's choice)")
+    p.add_argument("--quantize", default="auto", help="server --quantize (default auto, the server default)")
+    p.add_argument("--kernels", default="auto", help="server --kernels (default auto, the server default)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait (at most SECONDS) until other processes use < 0.25 cores")
     p.add_argument("--sampling", default=",".join(SAMPLING),

@@ -186,7 +186,7 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     copy of the model. "mixed" keeps int8's weights (a GGUF's 4-bit tensors as int4, the rest
     int8) and reads the 8-bit output head through a 4-bit screen when decoding: the top
     candidates carry exact 8-bit logits (:mod:`opengemma.quant.head`).
-    ``kernels`` (quantized models on the CPU): "auto" (default) runs decode-sized calls (at most 8
+    ``kernels`` (quantized models on the CPU): "auto" (default) runs decode-sized calls (at most 16
     rows) through opengemma's own int8 x int8 kernels where the CPU and a C compiler allow
     (:mod:`opengemma.quant.native`: activations rounded to 8 bits per block of 32, as llama.cpp
     does; the exact 8-bit head values stay on PyTorch's kernel), else PyTorch's; "native" insists on

@@ -44,10 +44,12 @@ class RMSNorm(nn.Module):
 
     def scale(self) -> torch.Tensor:
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad or torch.compiler.is_compiling():
+        if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
             return 1.0 + w.float()  # [dim], fp32
-        # Inference: kept between calls (two kernels per norm, ~100 norms per decode step), keyed by
-        # the tensor's storage and version so that loading or editing the weight renews it.
+        # Inference mode (generation, serving): kept between calls (two kernels per norm, ~100 norms
+        # per decode step), keyed by the tensor's storage and version so that loading or editing
+        # the weight renews it. Only there: an inference-mode tensor must not reach autograd (a frozen
+        # norm in LoRA training right after a rollout).
         key = (w.data_ptr(), w._version, w.device, w.dtype)
         cached = self.__dict__.get("_scale")
         if cached is None or cached[0] != key:

@@ -281,15 +281,21 @@ def test_rmsnorm_scale_is_kept_for_inference_and_renewed_when_the_weight_changes
 
     norm = RMSNorm(8, 1e-6)
     x = torch.randn(2, 8)
-    with torch.no_grad():
+    with torch.inference_mode():
         a = norm(x)
         assert norm.scale() is norm.scale()  # kept between calls
+    with torch.no_grad():
         norm.weight.add_(1.0)  # an in-place edit (loading, a training step) bumps the version
+    with torch.inference_mode():
         b = norm(x)
     assert torch.allclose(b, 2 * a, atol=1e-6)
-    assert norm.scale() is not norm.scale()  # autograd: computed afresh each call
+    assert norm.scale() is not norm.scale()  # outside inference mode: computed afresh each call
     norm(x).sum().backward()
     assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    norm.weight.requires_grad_(False)  # frozen (LoRA), after an inference-mode rollout: usable by autograd
+    x.requires_grad_(True)
+    norm(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_bf16_decode_attention_over_few_keys_runs_in_fp32():

@@ -17,7 +17,7 @@
 #include <string.h>
 
 #define QB 32          /* activation block (and int4 group) size */
-#define MAX_M 8        /* most input rows per call */
+#define MAX_M 16       /* most input rows per call */
 #define STACK_BYTES (1L << 16)
 #ifndef PAR_MIN
 #define PAR_MIN (1L << 19) /* weights below which one thread is faster than waking a second */

@@ -33,7 +33,7 @@ import sys
 
 from ..errors import OpenGemmaError
 
-QUANTIZE = ("none", "int8", "int4", "mixed")
+QUANTIZE = ("auto", "none", "int8", "int4", "mixed")
 BACKLOG = 2048  # uvicorn's default
 DEFAULT_CONTEXT = 4096
 
@@ -69,10 +69,17 @@ def _seconds(text: str) -> float:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, metavar="MODEL", help="model to serve (default: embedded 270M)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 where --quantize "
+                   "auto picks mixed, else float32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--quantize", "-q", choices=QUANTIZE, default="none",
-                   help="weight-only quantization, as for `opengemma generate` (default none)")
+    p.add_argument("--quantize", "-q", choices=QUANTIZE, default="auto",
+                   help="weight-only quantization, as for `opengemma generate`; auto (default): mixed with "
+                        "bf16 activations for a quantized GGUF file on the CPU (the embedded model), none for "
+                        "anything else")
+    p.add_argument("--kernels", choices=("auto", "native", "torch"), default="auto",
+                   help="CPU kernels of a quantized model, as for `opengemma generate`: native (opengemma's int8 "
+                        "x int8 ones, for decode steps of at most 16 rows), torch, or auto (default: native "
+                        "where the CPU and a compiler allow)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter merged into MODEL at load time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -125,7 +132,7 @@ def _load(args):
     from ..process import load_for_command
 
     return load_for_command(args.model, adapter=getattr(args, "adapter", None), dtype=args.dtype, device=args.device,
-                            quantize=args.quantize)
+                            quantize=args.quantize, kernels=args.kernels)
 
 
 def _available_bytes(device) -> int | None:
