@@ -204,3 +204,16 @@ def test_cli_refuses_native_kernels_without_quantization_in_one_line(capsys):
                  "--kernels", "native"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a quantized model" in err[0]
+
+
+def test_layouts_the_kernels_cannot_read_are_left_to_torch():
+    gen = torch.Generator().manual_seed(2)
+    mod = Int8Linear.from_float(torch.randn(64, 128, generator=gen) * 0.05, act_dtype=torch.float32)
+    x = torch.randn(1, 128, generator=gen)
+    wide = torch.zeros(64, 2, dtype=mod.scales.dtype)
+    wide[:, 0] = mod.scales
+    mod.scales = wide[:, 0]  # a strided view: same values, not contiguous
+    assert native.linear_q8(mod, x) is None  # the module then runs PyTorch's kernel
+    mod.scales = wide[:, 0].contiguous()
+    assert native.linear_q8(mod, x) is not None
+    assert native.linear_q8(mod, x.half()) is None  # fp16 activations: not a kernel input

@@ -167,7 +167,8 @@ def linear_q8(mod, x2: torch.Tensor) -> torch.Tensor | None:
     activations -> [M, N] in x2's dtype; None when the kernel cannot take these arguments."""
     lib = library()
     q, s = mod.qweight, mod.scales
-    if lib is None or s.dtype != torch.bfloat16 or x2.dtype not in (torch.bfloat16, torch.float32):
+    if (lib is None or s.dtype != torch.bfloat16 or x2.dtype not in (torch.bfloat16, torch.float32)
+            or q.stride(1) != 1 or not s.is_contiguous()):
         return None
     x2 = x2.contiguous()
     M, K = x2.shape
@@ -183,7 +184,8 @@ def linear_q4(mod, x2: torch.Tensor) -> torch.Tensor | None:
     lib = library()
     sz = mod.scales_and_zeros
     if (lib is None or mod.layout != "cpu" or mod.group_size != 32 or sz.dtype != torch.bfloat16
-            or x2.dtype not in (torch.bfloat16, torch.float32)):
+            or x2.dtype not in (torch.bfloat16, torch.float32) or not sz.is_contiguous()
+            or not mod.qweight.is_contiguous()):
         return None
     x2 = x2.contiguous()
     M, K = x2.shape
