@@ -282,7 +282,7 @@ def test_cli_accepts_mixed():
     assert args.quantize == "mixed"
     from opengemma.serve.cli import QUANTIZE
 
-    assert "mixed" in QUANTIZE and set(QUANTIZE) == {"none", *quant.MODES}
+    assert "mixed" in QUANTIZE and set(QUANTIZE) == {"auto", "none", *quant.MODES}
 
 
 def test_auto_default_is_mixed_bf16_for_a_quantized_gguf_on_the_cpu_only(tmp_path):
