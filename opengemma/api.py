@@ -154,13 +154,17 @@ def auto_mode(src: Source, device: torch.device) -> tuple[str | None, str | None
     return ("mixed", "bfloat16") if quantized else (None, None)
 
 
+def _check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
 def use_kernels(net, kernels: str = "auto") -> int:
     """Route a quantized model's decode-sized CPU calls through opengemma's native kernels
     (:mod:`opengemma.quant.native`) as ``load(kernels=...)`` asks; returns how many layers use them."""
     from . import quant
 
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    _check_kernels(kernels)
     quantized = isinstance(getattr(net, "embed", None), quant.QuantizedEmbedding)
     if kernels == "native" and not quantized:
         raise OpenGemmaError("kernels='native' needs a quantized model (quantize='int8', 'int4', 'mixed', or 'auto' on a "
@@ -200,8 +204,7 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     """
     from . import quant
 
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    _check_kernels(kernels)
     quantize = None if quantize in (None, "none") else quantize
     if quantize is not None and quantize != "auto":
         quant.check_mode(quantize)
