@@ -11,10 +11,7 @@
    int8 with vpdpbusd, accumulating exactly in int32 inside a block and in fp32 across blocks.
    Every output row is one dot product computed the same way whatever the number of input rows M,
    so a row's result does not depend on the call's other rows (bitwise). */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "kernels.h"
 
 #define QB 32          /* activation block (and int4 group) size */
 #define MAX_M 16       /* most input rows per call */
@@ -23,23 +20,7 @@
 #define PAR_MIN (1L << 19) /* weights below which one thread is faster than waking a second */
 #endif
 
-int og_abi_version(void) { return 1; }
-
-static inline __m512 load16(const void *x, int is_bf16, long i) {
-    if (is_bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)x + i);
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+int og_abi_version(void) { return 2; }
 
 static inline void store_row(void *y, int out_bf16, long i, const float *v, int n) {
     if (out_bf16) {

@@ -17,6 +17,8 @@ kernels do the same on the modules' own buffers (no copy of any weight):
 On an AMD EPYC (Zen 4), one bf16 row: 1.5-3.6x PyTorch's kernels per layer, the 262,144 x 640
 head 2.6-2.9x (int4 4.4 ms, 24 GB/s at two threads, the memory's speed); the embedded 270M's
 plain decode in ``mixed`` + bf16 15.4 -> 24.0 tok/s (0.42x -> 0.65x llama.cpp in the same run).
+The same library also runs a decode step's whole transformer block (``block.c``,
+:mod:`.native_block`), which removes the PyTorch glue between these linears.
 
 What changes numerically: each linear's input is rounded to int8 per block of 32 (relative error
 up to 1/254 of the block's largest value) instead of to bf16 (2**-9 of each value). Outputs are
@@ -53,12 +55,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "available", "forward", "library", "linear_q4", "linear_q8", "unavailable_reason", "use_native"]
+__all__ = ["MAX_ROWS", "available", "forward", "library", "linear_q4", "linear_q8", "unavailable_reason", "use_native",
+           "weight_args"]
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("kernels.h", "kernels.c", "block.c"))
 MAX_ROWS = 16  # input rows per call (kernels.c MAX_M): decode steps, verifications, a server's decode batch
-ABI = 1
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+ABI = 2
+FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
          "-mavx512vnni", "-mavx512vbmi", "-mfma")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
@@ -85,12 +88,12 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, out: Path) -> None:
-    """Compile kernels.c into ``out`` atomically (a temporary name in the same directory, then a rename)."""
+    """Compile the sources into ``out`` atomically (a temporary name in the same directory, then a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *FLAGS, *(str(p) for p in SOURCES if p.suffix == ".c"), "-o", tmp], capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise OSError((r.stderr.strip().splitlines() or ["compiler failed"])[-1])
         os.replace(tmp, out)
@@ -111,7 +114,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if cc is None:
         return None, "no C compiler found (set $CC)"
     from ..checkpoints import cache  # noqa: PLC0415  (only when a kernel is first wanted)
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     tag = hashlib.sha256(src + repr((FLAGS, cc, platform.machine())).encode()).hexdigest()[:16]
     path = cache.base_dir() / "kernels" / f"opengemma-kernels-{tag}.so"
     try:
@@ -128,6 +131,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"kernel library {path} has another ABI version"
     lib.og_linear_q8.argtypes = [_P, _I, _L, _I, _I, _P, _L, _P, _I, _P, _L, _I]
     lib.og_linear_q4.argtypes = [_P, _I, _L, _I, _I, _P, _P, _I, _L, _P, _L, _I]
+    lib.og_block_decode.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I]
     return lib, None
 
 
@@ -162,44 +166,53 @@ def forward(mod, x2: torch.Tensor) -> torch.Tensor | None:
     return linear_q8(mod, x2) if hasattr(mod, "scales") else linear_q4(mod, x2)
 
 
+def weight_args(mod) -> tuple[int, int, int, int, int, int] | None:
+    """(kind, K, N, ldw, weight pointer, scales pointer) of an :class:`~.linear.Int8Linear` (kind 8,
+    ldw its row stride) or a CPU-layout :class:`~.linear.Int4Linear` (kind 4, ldw its padded rows) in a
+    layout the kernels read; None for anything else (the caller then uses PyTorch's kernel)."""
+    if hasattr(mod, "scales"):
+        q, s = mod.qweight, mod.scales
+        if s.dtype != torch.bfloat16 or q.stride(1) != 1 or not s.is_contiguous():
+            return None
+        return 8, mod.in_features, q.shape[0], q.stride(0), q.data_ptr(), s.data_ptr()
+    sz = mod.scales_and_zeros
+    if (mod.layout != "cpu" or mod.group_size != 32 or sz.dtype != torch.bfloat16 or not sz.is_contiguous()
+            or not mod.qweight.is_contiguous()):
+        return None
+    return 4, mod.in_features, mod.out_features, sz.shape[1], mod.qweight.data_ptr(), sz.data_ptr()
+
+
 def linear_q8(mod, x2: torch.Tensor) -> torch.Tensor | None:
     """``x2 [M, K] @ (q * s[:, None]).T`` for an :class:`~.linear.Int8Linear` with int8-quantized
     activations -> [M, N] in x2's dtype; None when the kernel cannot take these arguments."""
-    lib = library()
-    q, s = mod.qweight, mod.scales
-    if (lib is None or s.dtype != torch.bfloat16 or x2.dtype not in (torch.bfloat16, torch.float32)
-            or q.stride(1) != 1 or not s.is_contiguous()):
+    lib, args = library(), weight_args(mod)
+    if lib is None or args is None or x2.dtype not in (torch.bfloat16, torch.float32):
         return None
+    _, K, N, ldw, w, s = args
     x2 = x2.contiguous()
-    M, K = x2.shape
-    y = _out(x2, q.shape[0])
+    y = _out(x2, N)
     bf = int(x2.dtype == torch.bfloat16)
-    rc = lib.og_linear_q8(x2.data_ptr(), bf, K, M, K, q.data_ptr(), q.stride(0), s.data_ptr(), q.shape[0],
-                          y.data_ptr(), y.shape[1], bf)
+    rc = lib.og_linear_q8(x2.data_ptr(), bf, K, x2.shape[0], K, w, ldw, s, N, y.data_ptr(), N, bf)
     return None if rc else y
 
 
 def linear_q4(mod, x2: torch.Tensor) -> torch.Tensor | None:
     """As :func:`linear_q8` for an :class:`~.linear.Int4Linear` in the CPU int4pack layout."""
-    lib = library()
-    sz = mod.scales_and_zeros
-    if (lib is None or mod.layout != "cpu" or mod.group_size != 32 or sz.dtype != torch.bfloat16
-            or x2.dtype not in (torch.bfloat16, torch.float32) or not sz.is_contiguous()
-            or not mod.qweight.is_contiguous()):
+    lib, args = library(), weight_args(mod)
+    if lib is None or args is None or x2.dtype not in (torch.bfloat16, torch.float32):
         return None
+    _, K, N, npad, w, sz = args
     x2 = x2.contiguous()
-    M, K = x2.shape
-    N = mod.out_features
     y = _out(x2, N)
     bf = int(x2.dtype == torch.bfloat16)
-    rc = lib.og_linear_q4(x2.data_ptr(), bf, K, M, K, mod.qweight.data_ptr(), sz.data_ptr(), N, sz.shape[1],
-                          y.data_ptr(), N, bf)
+    rc = lib.og_linear_q4(x2.data_ptr(), bf, K, x2.shape[0], K, w, sz, N, npad, y.data_ptr(), N, bf)
     return None if rc else y
 
 
 def use_native(model: nn.Module, on: bool = True) -> int:
     """Route ``model``'s quantized CPU linears (and its head screen) through these kernels for calls of
-    at most :data:`MAX_ROWS` rows (``on``), or back to PyTorch's. Returns how many modules switched
+    at most :data:`MAX_ROWS` rows (``on``), or back to PyTorch's; so too its transformer blocks, whole,
+    where all their linears qualify (:mod:`.native_block`). Returns how many linear modules switched
     on; 0 when the kernels are unavailable (:func:`unavailable_reason`) or nothing fits them."""
     from .linear import Int4Linear, Int8Linear  # noqa: PLC0415  (linear imports this module)
     n = 0
@@ -218,4 +231,6 @@ def use_native(model: nn.Module, on: bool = True) -> int:
             # its 8-bit matrix gives the exact values of the screen's candidates: PyTorch's kernel
             mod.inner.native = False
             n -= 1
+    from .native_block import use_native_blocks  # noqa: PLC0415  (it imports this module)
+    use_native_blocks(model, on)
     return n
