@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=4096, help="server --max-context (default 4096)")
     p.add_argument("--model", default=None, help="server --model (default: the embedded model)")
     p.add_argument("--threads", type=int, default=None, help="server --threads (default: torch's choice)")
-    p.add_argument("--quantize", default="none", help="server --quantize (default none, the server default)")
+    p.add_argument("--quantize", default="auto", help="server --quantize (default auto, the server default)")
     p.add_argument("--kernels", default="auto", help="server --kernels (default auto, the server default)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait (at most SECONDS) until other processes use < 0.25 cores")

@@ -203,8 +203,11 @@ class CacheStep:
         # [ring; new keys] first, then keep only the last `ring` positions of each row. A ring
         # with spare slots takes up to spare + 1 new tokens with writes first too (the slots they
         # overwrite hold positions <= p + T - 1 - ring, before every query's window when
-        # T - 1 <= ring - window), as does a ring as long as the cache (slot = position).
-        self.local_concat = input_pos.shape[1] > 1 and not (cache.spare and cache.can_roll_back(input_pos.shape[1]))
+        # T - 1 <= ring - window), as does a ring as long as the cache (slot = position), and so
+        # does a chunk whose positions all lie below `ring` (n_local <= ring, read on the CPU): the
+        # slots it overwrites hold only negative positions, i.e. nothing (a short prompt's prefill).
+        self.local_concat = (input_pos.shape[1] > 1 and self.n_local > ring
+                             and not (cache.spare and cache.can_roll_back(input_pos.shape[1])))
         if self.local_concat:
             old = cache.pos_local[:, :self.n_local]
             k_pos = torch.cat([old, torch.where(valid, input_pos, -1)], dim=1)  # [B, n_local + T]

@@ -52,6 +52,15 @@ def real_gemma(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def served_gemma(gguf_path):
+    """The embedded model as ``opengemma serve`` loads it by default (``--quantize auto``: mixed with
+    bf16 activations, native kernels where the CPU allows)."""
+    import opengemma
+
+    return opengemma.load(gguf_path, quantize="auto", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def hf_gguf_state_dict(gguf_path):
     """transformers' own GGUF loading of the embedded file, as (HF config, {HF name: fp32 tensor}).
 

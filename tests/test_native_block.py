@@ -83,6 +83,8 @@ def test_block_equals_pytorch_block(preset, quantize, dtype):
     cache = _prefill(model, 1, 11, 40)
     for p in (11, 12, 13):
         errs += _compare_blocks(model, torch.randint(0, V, (1, 1), generator=gen), torch.tensor([[p]]), cache)
+    # a prompt's first chunk in a row whose earlier tenant (11 positions, wrapped rings) was not reset
+    errs += _compare_blocks(model, torch.randint(0, V, (1, 5), generator=gen), torch.arange(5)[None], cache)
     # a ragged batch: rows at different positions, one row padding
     cache = _prefill(model, 3, 9, 40, lengths=[9, 4, 6])
     errs += _compare_blocks(model, torch.randint(0, V, (3, 1), generator=gen), torch.tensor([[9], [4], [-1]]), cache)
@@ -124,9 +126,7 @@ def test_native_block_steps_aside():
     rope = model.rope(torch.tensor([[6]]), False, dt)
     with torch.inference_mode():
         assert decode(blk, h, rope, cache.step(torch.tensor([[6]]), dt)) is not None
-        # a prompt's first chunk, and more rows than the kernels take
-        first = torch.tensor([[0, 1]])
-        assert decode(blk, h.repeat(1, 2, 1), model.rope(first, False, dt), cache.step(first, dt)) is None
+        # more rows than the kernels take
         big = torch.randn(1, native.MAX_ROWS + 1, model.config.d_model)
         pos = torch.arange(20, 20 + native.MAX_ROWS + 1)[None]
         assert decode(blk, big, model.rope(pos, False, dt), cache.step(pos, dt)) is None

@@ -48,9 +48,9 @@ BUDGET = 24  # tokens per stream
 
 
 @pytest.fixture(scope="module")
-def solo(real_gemma) -> dict[str, str]:
+def solo(served_gemma) -> dict[str, str]:
     """Each victim's text when generated alone."""
-    return {p: real_gemma.generate(p, max_new_tokens=BUDGET) for p in VICTIMS}
+    return {p: served_gemma.generate(p, max_new_tokens=BUDGET) for p in VICTIMS}
 
 
 class Victims:

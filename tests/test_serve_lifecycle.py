@@ -88,7 +88,10 @@ def test_full_queue_answers_429(server):
     body = {"prompt": ["Story one:", "Story two:", "Story three:"], "max_tokens": 900, "stream": True,
             "ignore_eos": True}
     with httpx.Client(timeout=120) as c, c.stream("POST", f"{server.url}/v1/completions", json=body) as held:
-        next(sse_lines(held))
+        # keep the reader: a discarded generator is closed, which closes the stream, and the server
+        # would cancel the three sequences (a race this test lost once the server got faster)
+        lines = sse_lines(held)
+        next(lines)
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "One more", "max_tokens": 2}, timeout=30)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
@@ -99,7 +102,7 @@ def test_full_queue_answers_429(server):
     assert r.status_code == 200
 
 
-def test_sigterm_drains_streams_and_exits_0(real_gemma):
+def test_sigterm_drains_streams_and_exits_0(served_gemma):
     s = ServerProcess("--max-batch", "2", "--max-context", "1024", "--shutdown-timeout", "6")
     results: dict[str, list[str]] = {}
 
@@ -132,7 +135,7 @@ def test_sigterm_drains_streams_and_exits_0(real_gemma):
     # The short stream was in flight at SIGTERM and finished normally.
     assert results["short"][-1] == "[DONE]"
     chunks = [json.loads(d) for d in results["short"][:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == real_gemma.generate("Once upon a time",
+    assert "".join(c["choices"][0]["text"] for c in chunks) == served_gemma.generate("Once upon a time",
                                                                                    max_new_tokens=5)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     # The long one outlived --shutdown-timeout: cancelled cleanly with an error event, then [DONE].

@@ -102,7 +102,7 @@ def test_metrics_render_prometheus_text():
 
 def test_cli_defaults_are_safe():
     args = build_parser().parse_args([])
-    assert (args.host, args.port, args.max_batch, args.quantize) == ("127.0.0.1", 8000, 16, "none")
+    assert (args.host, args.port, args.max_batch, args.quantize) == ("127.0.0.1", 8000, 16, "auto")
     assert model_id("gemma3-270m (embedded, Q4_K_M GGUF)") == "gemma3-270m" and model_id("x.gguf") == "x"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--max-batch", "0"])

@@ -17,8 +17,9 @@ When it runs (else the block's PyTorch forward does, with the native linears whe
 forward through a KV cache of at most :data:`~.native.MAX_ROWS` rows (decode steps, speculative
 verification, a server's decode batch) on the CPU, eager, without autograd; bf16 or fp32
 activations and cache; all four of the block's (stacked) linears on the native kernels; the cache
-step writing before it attends (not a prompt's first chunk, nor a chunk that overwrites ring slots
-its own queries need). Stacked or separate q/k/v and gate/up alike. :func:`use_native_blocks` swaps the class of each block that qualifies (the
+step writing before it attends (not a chunk that overwrites ring slots its own queries need; a
+prompt's first chunk is fine: the step's masks hide whatever an earlier tenant left in the cache,
+each stale key being overwritten or at a later position). Stacked or separate q/k/v and gate/up alike. :func:`use_native_blocks` swaps the class of each block that qualifies (the
 class swap of :mod:`opengemma.fusion`: same modules, same state dict) and back.
 """
 
@@ -93,7 +94,7 @@ def decode(block: Block, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor
     """``block(h, ...)`` for h [B, T, d_model] through ``block.c``, or None when the call does not fit it."""
     B, T, _ = h.shape
     if (not isinstance(step, CacheStep) or B * T > native.MAX_ROWS or h.dtype not in _ACT or h.device.type != "cpu"
-            or step.fresh or (block.local and step.local_concat) or torch.compiler.is_compiling()
+            or (block.local and step.local_concat) or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and h.requires_grad)):
         return None
     layer = block.attn.layer

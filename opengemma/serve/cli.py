@@ -72,10 +72,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 where --quantize "
                    "auto picks mixed, else float32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--quantize", "-q", choices=QUANTIZE, default="none",
-                   help="weight-only quantization, as for `opengemma generate` (default none); auto: mixed with "
-                        "bf16 activations for a quantized GGUF file on the CPU (the embedded model: 2-3.7x the "
-                        "throughput of none), none for anything else")
+    p.add_argument("--quantize", "-q", choices=QUANTIZE, default="auto",
+                   help="weight-only quantization, as for `opengemma generate` (default auto: mixed with bf16 "
+                        "activations for a quantized GGUF file on the CPU, the embedded model: 2-3.7x the "
+                        "throughput of none; none for anything else)")
     p.add_argument("--kernels", choices=("auto", "native", "torch"), default="auto",
                    help="CPU kernels of a quantized model, as for `opengemma generate`: native (opengemma's int8 "
                         "x int8 ones, for decode steps of at most 16 rows), torch, or auto (default: native "

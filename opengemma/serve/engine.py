@@ -9,8 +9,9 @@ The engine thread loops; each iteration
 
 1. drops cancelled sequences (a client that went away frees its slot here, before the next step)
    and admits waiting ones into free slots (lowest free slot first, so busy rows stay packed);
-2. prefills at most ``prefill_chunk`` prompt tokens, oldest admission first, one forward per run of
-   adjacent slots (other rows of the run are padding at position -1). A long prompt therefore
+2. prefills at most ``prefill_chunk`` prompt tokens, oldest admission first, one forward per
+   sequence (a batch of prompt rows would round differently from a prompt alone, and would pad
+   the shorter ones). A long prompt therefore
    takes several iterations, and the streams in flight get one token in each of them instead of
    freezing for the whole prompt. A prompt whose last chunk is in gets its first token from the
    prefill logits;
@@ -122,17 +123,6 @@ class Seq:
     @property
     def decoding(self) -> bool:
         return self.prefilled == self.row.prompt_tokens and not self.row.finished
-
-
-def _runs(items: list, key: Callable[[object], int]) -> list[list]:
-    """Split ``items`` (sorted by ``key``) into runs of consecutive keys."""
-    runs: list[list] = []
-    for item in items:
-        if runs and key(item) == key(runs[-1][-1]) + 1:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
 
 
 class Engine:
@@ -363,13 +353,13 @@ class Engine:
             n = min(seq.prompt_tokens - seq.prefilled, budget)
             work.append((seq, seq.prefilled, seq.prefilled + n))
             budget -= n
-        work.sort(key=lambda w: w[0].slot)
-        for run in _runs(work, key=lambda w: w[0].slot):
-            # A failed chunk is redone from the prompt's start: the layers that ran before the
-            # failure have already rewritten their sliding-window rings with the chunk's keys,
-            # so the earlier positions the chunk attends to are gone.
-            self._isolated(sorted(run, key=lambda w: w[0].order), self._prefill_forward, out,
-                           seq_of=lambda w: w[0], redo=lambda w: (w[0], 0, w[2]))
+        for w in work:
+            # One forward per sequence: its chunk computes exactly what it computes alone (prompt
+            # rows batched together round differently in bf16, and the padding of shorter rows is
+            # wasted work on a CPU). A failed chunk is redone from the prompt's start: the layers
+            # that ran before the failure have already rewritten their sliding-window rings with
+            # the chunk's keys, so the earlier positions the chunk attends to are gone.
+            self._isolated([w], self._prefill_forward, out, seq_of=lambda w: w[0], redo=lambda w: (w[0], 0, w[2]))
 
     def _prefill_forward(self, run: list[tuple[Seq, int, int]], out: list[tuple[Seq, Event]]) -> None:
         """One forward over the chunks ``run`` (sequences in a range of slots; the range's other
