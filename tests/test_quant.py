@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from opengemma.quant import linear as quant
 from opengemma.logprobs import perplexity
+from opengemma.quant import Int4Linear, Int8Linear, QuantizedEmbedding, quantize_model
 from opengemma.quant import gguf as quant_gguf
-from opengemma.quant import Int4Linear, Int8Linear, QuantizedEmbedding
+from opengemma.quant import linear as quant
 
 
 def _bf16_bound(x, w):
@@ -238,7 +238,7 @@ def test_fused_projections_equal_separate(mode):
     for fuse in (False, True):
         m = GemmaModel(cfg).eval()
         m.load_state_dict(base.state_dict())
-        models[fuse] = quant.quantize_model(m, mode, fuse=fuse)
+        models[fuse] = quantize_model(m, mode, fuse=fuse)
     assert isinstance(models[True].layers[0].attn.qkv_proj, Int8Linear if mode == "int8" else Int4Linear)
     assert not hasattr(models[False].layers[0].attn, "qkv_proj")  # separate q/k/v
     out = {}

@@ -18,6 +18,7 @@ from opengemma.quant import head as qhead
 from opengemma.quant import linear as quant
 from opengemma.quant import store
 from opengemma.quant.head import ScreenedEmbedding, decode_weight_bytes, exact_head
+from opengemma.quant.rewrite import quantize_model
 
 
 def _int8(N: int, K: int, seed: int, act=torch.float32) -> quant.Int8Linear:
@@ -134,7 +135,7 @@ def test_mixed_on_a_float_model_greedy_and_storage():
     from opengemma.testing import tiny_model
 
     cfg = PRESETS["tiny-gemma3"].replace(d_model=64, ffn_dim=128, head_dim=64)
-    model = quant.quantize_model(tiny_model(cfg, seed=0), "mixed")
+    model = quantize_model(tiny_model(cfg, seed=0), "mixed")
     assert isinstance(model.embed, ScreenedEmbedding) and model.embed.candidates < cfg.vocab_size
     assert isinstance(model.layers[0].mlp.gate_up_proj, quant.Int8Linear)
     tensors, plan = store.to_flat(model)

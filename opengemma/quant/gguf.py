@@ -48,11 +48,10 @@ from .linear import (
     _default_compute_dtype,
     build_int4,
     build_int8,
-    check_mode,
-    fuse_projections,
     quantize_int4,
     quantize_int8,
 )
+from .rewrite import check_mode, fuse_projections
 
 __all__ = ["direct_int4", "quantized_from_gguf"]
 
