@@ -182,7 +182,8 @@ static void store(void *dst, int bf, long i, float v) {
 /* out [B][T][d] = block(h [B][T][d]) in the activation dtype (bf: bf16, else fp32). cos, sin:
    [B][T][D]; the cache k, v: element strides sb, sh, ss per row, head and slot (the head dim
    contiguous), written at slots [B][T], attended over slots 0..n-1 under mask [B][T][n].
-   Returns 0, or -1 when the arguments are out of range (nothing written) or memory ran out. */
+   Returns 0, or -1 when the arguments are out of range (then nothing is written) or memory ran out
+   (out is not written; the caller's PyTorch path redoes the block, rewriting the same cache slots). */
 int og_block_decode(const og_block *L, const void *h, void *out, int B, int T, int bf, const void *cos,
                     const void *sin, void *ck, void *cv, long sb, long sh, long ss, const int64_t *slots,
                     const void *mask, int n) {
@@ -223,11 +224,16 @@ int og_block_decode(const og_block *L, const void *h, void *out, int B, int T, i
     }
 
     const int G = H / KV;
+    int oom = 0;
     #pragma omp parallel for schedule(static) if ((long)R * H * n * D > (1L << 16))
     for (int mh = 0; mh < R * H; mh++) {
         int m = mh / H, j = mh % H, b = m / T;
         float *sc = malloc(sizeof(float) * (size_t)n);
-        if (!sc) continue;
+        if (!sc) {
+            #pragma omp atomic write
+            oom = 1;
+            continue;
+        }
         long base = b * sb + (long)(j / G) * sh;
         const void *kc = (const char *)ck + (bf ? 2 : 4) * base, *vc = (const char *)cv + (bf ? 2 : 4) * base;
         const void *mk = (const char *)mask + (bf ? 2 : 4) * (long)m * n;
@@ -235,6 +241,10 @@ int og_block_decode(const og_block *L, const void *h, void *out, int B, int T, i
         free(sc);
     }
 
+    if (oom) {
+        free(x);
+        return -1;
+    }
     rc |= linear(&L->o, att, (long)H * D, R, r, d, bf);
     for (int m = 0; m < R; m++) {
         float *rr = r + (long)m * d, *xx = x + (long)m * d;
