@@ -15,27 +15,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
-from bench_native import cpu_name
+from bench_native import cpu_name, median_ms
 
 import opengemma
 from opengemma.quant import native
 from opengemma.quant.native_block import use_native_blocks
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None) -> int:
