@@ -14,6 +14,9 @@ default), runs C client tasks that send streaming ``/v1/completions`` requests (
   token); p50 / p90 / p99 over all gaps of the level;
 * **errors** -- non-200 answers, exceptions, streams without ``[DONE]`` (must be 0);
 * **mean decode batch** -- from the server's ``/metrics`` (``batch_size`` sum / count over the level);
+* **drafts kept** -- with speculative decoding (the server's ``--speculate``, default auto: a
+  greedy request decoding alone verifies prompt-lookup drafts), the drafts the server kept of
+  those it verified over the level (``/metrics``);
 * **other processes' CPU** -- machine-wide busy CPU (``/proc/stat``) minus this script's and the
   server's, in cores, over the level: above ~0.25 on a 2-core machine the figures are contended.
 
@@ -132,7 +135,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    cmd += ["--quantize", args.quantize, "--kernels", args.kernels]
+    cmd += ["--quantize", args.quantize, "--kernels", args.kernels, "--speculate", args.speculate]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     found: dict[str, str] = {}
     ready = threading.Event()
@@ -252,12 +255,18 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:,.0f}"
 
 
+def _kept(lv: dict) -> str:
+    """Drafts kept / drafts verified over a level ("-" without speculation)."""
+    d, a = lv.get("drafted", 0), lv.get("accepted", 0)
+    return f"{a:.0f} / {d:.0f} ({a / d:.0%})" if d else "-"
+
+
 def table(levels: list[dict]) -> str:
     ms = _ms
     rows = [("| clients | requests | errors | tokens | wall (s) | throughput (tok/s) | x 1 client "
-             "| TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | mean decode batch | load avg (1 min) "
-             "| other CPU (cores) |"),
-            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+             "| TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | mean decode batch | drafts kept "
+             "| load avg (1 min) | other CPU (cores) |"),
+            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     base = levels[0]["throughput_tok_s"] if levels and levels[0]["concurrency"] == 1 else None
     for lv in levels:
         t, i = lv["ttft_s"], lv["itl_s"]
@@ -265,7 +274,7 @@ def table(levels: list[dict]) -> str:
         rows.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['tokens']} | {lv['wall_s']:.1f} "
                     f"| {lv['throughput_tok_s']:.1f} | {ratio} | {ms(t['p50'])} / {ms(t['p90'])} / {ms(t['p99'])} "
                     f"| {ms(i['p50'])} / {ms(i['p90'])} / {ms(i['p99'])} | {lv.get('mean_batch', 0):.1f} "
-                    f"| {lv['loadavg_before']:.2f} -> {lv['loadavg_after']:.2f} | {lv['other_cores']:.2f} |")
+                    f"| {_kept(lv)} | {lv['loadavg_before']:.2f} -> {lv['loadavg_after']:.2f} | {lv['other_cores']:.2f} |")
     return "\n".join(rows)
 
 
@@ -309,7 +318,8 @@ def markdown(name: str, report: dict) -> str:
           (f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in report['loadavg_start'])}; "
            f"at end: {', '.join(f'{x:.2f}' for x in report['loadavg_end'])}"),
           (f"- server: `opengemma serve` ({a['model'] or 'embedded Gemma 3 270M'}, CPU, --quantize "
-           f"{a.get('quantize', 'none (fp32)')} --kernels {a.get('kernels', 'torch')}), --max-batch "
+           f"{a.get('quantize', 'none (fp32)')} --kernels {a.get('kernels', 'torch')} --speculate "
+           f"{a.get('speculate', '0')}), --max-batch "
            f"{a['max_batch']}, --max-queue {a['max_queue']}, --max-context {a['max_context']}; exit status after "
            f"SIGTERM: {report['server_exit_status']}"),
           (f"- clients: streaming /v1/completions, greedy, {a['max_tokens']} tokens each, "
@@ -328,9 +338,10 @@ def markdown(name: str, report: dict) -> str:
             md += [f"**{report['sampling_verdict']}.**", ""]
     md += [("Throughput: generated tokens of the level / its wall time. TTFT: request sent to first text "
             "chunk (queueing included). ITL: gaps between consecutive text chunks of one stream. Mean decode "
-            "batch: sequences per decode step (server metrics). Other CPU: cores used by other processes "
-            "during the level (this machine is shared); above ~0.25 the figures are contended, i.e. "
-            "pessimistic."), ""]
+            "batch: sequences per decode step (server metrics). Drafts kept: speculative drafts the server "
+            "kept / verified (server metrics; a greedy request decoding alone speculates). Other CPU: cores "
+            "used by other processes during the level (this machine is shared); above ~0.25 the figures are "
+            "contended, i.e. pessimistic."), ""]
     return "\n".join(md)
 
 
@@ -350,6 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="server --threads (default: torch's choice)")
     p.add_argument("--quantize", default="auto", help="server --quantize (default auto, the server default)")
     p.add_argument("--kernels", default="auto", help="server --kernels (default auto, the server default)")
+    p.add_argument("--speculate", default="auto",
+                   help="server --speculate (default auto, the server default; 0 = off)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait (at most SECONDS) until other processes use < 0.25 cores")
     p.add_argument("--sampling", default=",".join(SAMPLING),
@@ -395,6 +408,9 @@ def main(argv=None) -> int:
         lv["other_cores"], lv["loadavg_before"], lv["loadavg_after"] = meter.other_cores(), la0, os.getloadavg()[0]
         steps = after["opengemma_batch_size_count"] - before["opengemma_batch_size_count"]
         lv["mean_batch"] = (after["opengemma_batch_size_sum"] - before["opengemma_batch_size_sum"]) / max(1, steps)
+        for key, metric in (("drafted", "draft"), ("accepted", "accepted")):
+            name = f"opengemma_speculative_{metric}_tokens_total"
+            lv[key] = after.get(name, 0.0) - before.get(name, 0.0)
         print(f"  {lv['throughput_tok_s']:.1f} tok/s, errors {lv['errors']}", file=sys.stderr)
         return lv
 

@@ -121,9 +121,10 @@ class KVCache:
     def can_roll_back(self, n_tokens: int) -> bool:
         """Whether a forward of ``n_tokens`` new tokens per row overwrites no key a later query may
         need, so that :meth:`forget` can take any of them back exactly: no sliding-window ring, a
-        ring as long as the cache (slot = position), or ``n_tokens - 1`` <= its slots beyond the
+        ring at least as long as the cache's positions (slot = position; a :meth:`rows` view of
+        fewer positions than the ring included), or ``n_tokens - 1`` <= its slots beyond the
         window (a one-token step always qualifies)."""
-        return (not self.ring or self.ring == self.max_len
+        return (not self.ring or self.ring >= self.max_len
                 or n_tokens - 1 <= self.ring - self.config.sliding_window)
 
     def forget(self, row: int, start: int, end: int) -> None:

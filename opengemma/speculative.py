@@ -266,6 +266,12 @@ def speculative_step(model, cache: KVCache, last: int, position: int, drafts: Se
     return out
 
 
+def next_draft_length(k_now: int, k: int, drafted: int, accepted: int) -> int:
+    """The adaptive draft length after a forward that verified ``drafted`` drafts and kept
+    ``accepted``: up by 2 (to ``k``) when it kept them all, down by 1 (to 1) when not."""
+    return min(k, k_now + 2) if accepted == drafted else max(1, k_now - 1)
+
+
 def checked_drafts(drafts: Sequence[int], k: int, vocab_size: int) -> list[int]:
     """A drafter's proposal as at most ``k`` plain ints, each a token of the model's vocabulary."""
     out = [operator.index(t) for t in list(drafts)[:k]]
@@ -309,12 +315,14 @@ class SpeculativeDecoder:
         self._pos = torch.zeros((1, 1), dtype=torch.long, device=cache.device)  # [1, 1]
 
     @staticmethod
-    def make_cache(model, max_len: int, k: int) -> KVCache:
-        """A one-row cache for ``max_len`` positions that takes back forwards of k + 1 tokens.
-        Spare ring slots only where there is a ring to spare (a model without local layers keeps
-        the plain ``make_cache`` signature)."""
+    def make_cache(model, max_len: int, k: int, batch_size: int = 1) -> KVCache:
+        """A cache of ``batch_size`` rows (one for this decoder; the server's slots) for ``max_len``
+        positions that takes back forwards of k + 1 tokens. Spare ring slots only where there is a
+        ring to spare (a model without local layers keeps the plain ``make_cache`` signature)."""
         ring = KVCache.ring_size(model.config, max_len)
-        return model.make_cache(1, max_len, spare=k) if ring and ring < max_len else model.make_cache(1, max_len)
+        if ring and ring < max_len and k > 0:
+            return model.make_cache(batch_size, max_len, spare=k)
+        return model.make_cache(batch_size, max_len)
 
     def prefill(self, *, pad_id: int = 0, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
         """Write the context (a prompt, none of it cached yet) into the cache: the logits [1, V]
@@ -341,7 +349,7 @@ class SpeculativeDecoder:
                 self.drafted += len(drafts)
                 self.accepted += out.accepted
                 if self.adaptive:
-                    self.k_now = min(self.k, self.k_now + 2) if out.accepted == len(drafts) else max(1, self.k_now - 1)
+                    self.k_now = next_draft_length(self.k_now, self.k, len(drafts), out.accepted)
             else:  # nothing to verify: exactly a plain decode step
                 self._tokens.fill_(self.context[-1])
                 self._pos.fill_(position)

@@ -86,7 +86,8 @@ EVAL = {"--limit": lambda r: bad_int(r, 1, None), "--batch-size": lambda r: bad_
 SERVE = {"--port": lambda r: bad_int(r, 0, 65535), "--max-batch": lambda r: bad_int(r, 1, 4096),
          "--max-context": lambda r: bad_int(r, 2, None), "--max-queue": lambda r: bad_int(r, 0, None),
          "--prefill-chunk": lambda r: bad_int(r, 1, None), "--threads": lambda r: bad_int(r, 1, None),
-         "--log-level": bad_choice, "--quantize": bad_choice, "--shutdown-timeout": lambda r: junk(r)}
+         "--log-level": bad_choice, "--quantize": bad_choice, "--shutdown-timeout": lambda r: junk(r),
+         "--speculate": lambda r: bad_int(r, 0, 64)}
 
 
 def _verbs(tmp_path: Path) -> dict:

@@ -409,3 +409,134 @@ def test_quantized_model_is_served_like_alone(engine_factory):
     wait_all(got)
     for p, c in zip(prompts, got):
         assert c.tokens == [s[0] for s in generate_tokens(g.model, [p], GenerationConfig(max_new_tokens=6))]
+
+
+# -- speculative decoding (a greedy sequence decoding alone) -------------------------------------
+
+SPEC_PROMPTS = [[2] + [40, 41, 42, 43] * 5, [2, 10, 11], [2] + list(range(300, 320))]
+
+
+def solo(eng, prompt, **params) -> Collector:
+    c = submit(eng, prompt, **params)
+    wait_all([c])
+    return c
+
+
+def assert_plain_tokens(eng, g, prompt, c, m):
+    """``c`` got plain greedy decoding's tokens: all ``m``, or up to a stop token."""
+    ref = alone(g, prompt, m)
+    assert c.tokens == ref[:len(c.tokens)]
+    if c.finish == "stop":
+        assert c.tokens[-1] in eng.stop_ids
+    else:
+        assert c.finish == "length" and len(c.tokens) == m
+
+
+def test_speculation_alone_gives_the_plain_tokens(tiny, engine_factory):
+    # Sequences one at a time, 60 tokens past the sliding window (8, with 3 spare ring slots): the
+    # drafts are verified and some are kept, fewer forwards than tokens, and the tokens are the
+    # plain ones. Budgets of 1 and 2 get exactly that many tokens (drafts never reach past them).
+    metrics = Metrics()
+    eng = engine_factory(tiny, max_batch=2, max_context=160, speculate=3, metrics=metrics)
+    assert eng.cache.ring == tiny.config.sliding_window + 3
+    tokens = forwards = 0
+    for p in SPEC_PROMPTS:
+        before = eng.steps
+        c = solo(eng, p, max_tokens=60)
+        assert_plain_tokens(eng, tiny, p, c, 60)
+        tokens, forwards = tokens + len(c.tokens), forwards + eng.steps - before
+    assert eng.accepted > 0 and eng.drafted > eng.accepted
+    assert forwards == tokens - len(SPEC_PROMPTS) - eng.accepted  # first tokens come from the prefill
+    text = metrics.render()
+    assert f"opengemma_speculative_draft_tokens_total {float(eng.drafted)}" in text
+    assert f"opengemma_speculative_accepted_tokens_total {float(eng.accepted)}" in text
+    for m in (1, 2):
+        c = solo(eng, SPEC_PROMPTS[0], max_tokens=m)
+        assert c.tokens == alone(tiny, SPEC_PROMPTS[0], m) and c.finish == "length"
+
+
+def test_speculation_stops_at_a_stop_among_the_kept_drafts(tiny, engine_factory, monkeypatch):
+    # An oracle drafter proposes the plain continuation, so every draft is kept and tokens come
+    # four per forward. Each token that first appears at step j of the plain text is made the stop
+    # token in turn: the sequence ends right there, and the kept drafts after it are not sent.
+    import opengemma.serve.engine as engine_module
+    from opengemma.serve.engine import Seq
+
+    prompt = SPEC_PROMPTS[2]
+    ref = alone(tiny, prompt, 40)
+
+    class Oracle:
+        def propose(self, context, k):
+            done = len(context) - len(prompt)
+            return ref[done:done + k]
+
+    verified = []
+    real_step = engine_module.speculative_step
+
+    def step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        verified.append(out.tokens)
+        return out
+
+    monkeypatch.setattr(engine_module, "PromptLookupDrafter", Oracle)
+    monkeypatch.setattr(engine_module, "speculative_step", step)
+    eng = engine_factory(tiny, max_batch=1, max_context=160, speculate=3)
+    cut_inside = 0
+    for j in range(1, 40):
+        if ref[j] in ref[:j]:
+            continue
+        verified.clear()
+        c = Collector()
+        eng.submit([Seq(prompt, GenerationConfig(max_new_tokens=40, temperature=0.0), c, tokenizer=tiny.tokenizer,
+                        stop_ids=frozenset({ref[j]}))])
+        wait_all([c])
+        assert c.finish == "stop" and c.tokens == ref[:j + 1], j
+        assert all(len(v) == 4 for v in verified[:-1])  # every draft kept (the last step: the budget)
+        cut_inside += ref[j] in verified[-1][:-1]
+    assert cut_inside > 0 and eng.live == 0
+
+
+def test_speculation_steps_aside_for_sampling_logprobs_and_batches(tiny, engine_factory):
+    # A sampled sequence decodes plainly (its seed gives the text it gets without speculation),
+    # so does one asking for logprobs; sequences decoding together get their plain tokens.
+    spec = engine_factory(tiny, max_batch=3, max_context=160, speculate=3)
+    plain = engine_factory(tiny, max_batch=3, max_context=160)
+    sampled = {"max_tokens": 40, "temperature": 0.9, "top_k": 50, "seed": 11}
+    a, b = solo(spec, SPEC_PROMPTS[0], **sampled), solo(plain, SPEC_PROMPTS[0], **sampled)
+    assert a.tokens == b.tokens and len(a.tokens) > 0
+    lp = solo(spec, SPEC_PROMPTS[2], max_tokens=30, logprobs=2)
+    assert all(e.logprob is not None for e in lp.events) and spec.drafted == 0
+    got = [submit(spec, p, max_tokens=40) for p in SPEC_PROMPTS]
+    wait_all(got)
+    for p, c in zip(SPEC_PROMPTS, got):
+        assert_plain_tokens(spec, tiny, p, c, 40)
+
+
+def test_a_failed_speculative_step_is_retried_exactly(tiny, engine_factory):
+    # The first verification forward fails half-way through the layers (after they wrote the
+    # drafts' keys); the retry gives exactly the plain tokens. Then verification forwards that
+    # reach position 40 always fail: that sequence ends alone with its tokens up to there.
+    eng = engine_factory(tiny, max_batch=2, max_context=160, speculate=3)
+    prompt = SPEC_PROMPTS[2]
+    with failing_layer(tiny, lambda tokens, pos, failures: tokens.shape[1] > 1 and int(pos.min()) >= len(prompt)
+                       and not failures) as state:
+        c = solo(eng, prompt, max_tokens=60)
+    assert state["failures"] == 1 and eng.drafted > 0
+    assert_plain_tokens(eng, tiny, prompt, c, 60)
+    with failing_layer(tiny, lambda tokens, pos, failures: tokens.shape[1] > 1 and int(pos.max()) >= 40
+                       and int(pos.min()) >= len(prompt)):
+        bad = solo(eng, prompt, max_tokens=60)
+        after = solo(eng, SPEC_PROMPTS[1], max_tokens=10)
+    assert bad.finish == "error" and "simulated failure" in bad.events[-1].error
+    assert bad.tokens == alone(tiny, prompt, 60)[:len(bad.tokens)] and len(bad.tokens) < 40 - len(prompt) + 2
+    assert after.tokens == alone(tiny, SPEC_PROMPTS[1], 10) and eng.live == 0
+
+
+def test_real_model_speculation_alone_equals_plain(served_gemma, engine_factory):
+    # The server's default mode (mixed + bf16, native blocks) with prompt lookup: the same text as
+    # plain decoding, with drafts kept.
+    g = served_gemma
+    eng = engine_factory(g, max_batch=2, max_context=512, speculate=4)
+    prompt = "List the days of the week: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. Again:"
+    c = solo(eng, g.tokenizer.encode(prompt), max_tokens=40)
+    assert c.text == g.generate(prompt, max_new_tokens=40) and eng.accepted > 0

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 
+from ..cli import AUTO_SPECULATE, speculate_type
 from ..errors import OpenGemmaError
 
 QUANTIZE = ("auto", "none", "int8", "int4", "mixed")
@@ -92,6 +93,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences that may wait for a slot; beyond that: HTTP 429 (default 64)")
     p.add_argument("--prefill-chunk", type=_int_in(1), default=256,
                    help="prompt tokens prefilled per step, so long prompts do not stall streams (default 256)")
+    p.add_argument("--speculate", type=speculate_type, default=None, metavar="K",
+                   help="speculative decoding, as for `opengemma generate`: up to K prompt-lookup guesses "
+                        "checked in one forward, for a greedy request (temperature 0, no logprobs) while it "
+                        "decodes alone; batches and sampled requests decode plainly, so a request's text never "
+                        "depends on what runs beside it. Lossless: the same greedy text (up to float near-ties). "
+                        f"Default auto = {AUTO_SPECULATE}; 0 = off")
     p.add_argument("--api-key", default=os.environ.get("OPENGEMMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $OPENGEMMA_API_KEY, else no key; an empty "
                         "key is an error)")
@@ -286,7 +293,8 @@ def run_serve(args) -> int:
 
     metrics = Metrics()
     engine = Engine(g.model, g.tokenizer, max_batch=args.max_batch, max_context=max_context,
-                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, metrics=metrics)
+                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                    speculate=AUTO_SPECULATE if args.speculate is None else args.speculate, metrics=metrics)
     name = args.served_model_name or model_id(g.name)
     info = ServeInfo(g.tokenizer, g.config.vocab_size, max_context, name, frozenset({g.name, model_id(g.name)}))
     assert info.max_prompt_chars > 0  # computed now (a vocabulary scan), not during the first request

@@ -15,8 +15,21 @@ The engine thread loops; each iteration
    takes several iterations, and the streams in flight get one token in each of them instead of
    freezing for the whole prompt. A prompt whose last chunk is in gets its first token from the
    prefill logits;
-3. runs one :func:`opengemma.generate.decode_step` over slots ``0..hi`` (``hi`` = highest busy
-   slot + 1; idle rows at position -1) and samples one token per decoding sequence.
+3. runs one :func:`opengemma.generate.decode_step` over the slots from the lowest to the highest
+   decoding one (rows between them idle at position -1) and samples one token per decoding
+   sequence; or, when ``speculate`` is on and one greedy sequence decodes alone, one
+   speculative step for it (below).
+
+Speculative decoding, where it pays. Prompt-lookup drafts (:mod:`opengemma.speculative`) are
+verified k + 1 tokens per forward, with the adaptive draft length and rollback of ``opengemma
+generate --speculate``; the cache is made with ``speculate`` spare ring slots for the rollback. A
+forward's cost on the CPU grows with its rows (embedded 270M, mixed + bf16, 2 threads: one row
+~24 ms, 5 rows ~41 ms, 2 x 5 rows ~83 ms against ~29 ms for a plain step of 2), and every row of a
+batch pays for the longest row's drafts, so drafts for several sequences at once cost more than
+they return; a sequence decoding alone takes them, which is where latency matters most. Only
+greedy sequences without logprobs speculate: their tokens are the plain step's (up to float
+near-ties), whereas a sampled sequence would draw from its generator differently with and
+without speculation, and so its text would depend on whether it ran alone.
 
 Faults stay with the sequence they belong to. A row whose logits are not finite, or whose
 sampling or detokenization raises, ends that sequence alone with an "error" event (the server
@@ -54,6 +67,7 @@ import torch
 from ..generate import CACHE_ROUND, GenerationConfig, RowState, decode_step, finite_rows, make_generator, prefill
 from ..logprobs import from_logits
 from ..sampling import argmax, sample_next_token
+from ..speculative import PromptLookupDrafter, SpeculativeDecoder, checked_drafts, next_draft_length, speculative_step
 from .metrics import Metrics
 
 log = logging.getLogger("opengemma.serve")
@@ -115,6 +129,8 @@ class Seq:
         self.arrival = time.monotonic()
         self.last_time: float | None = None
         self.order = 0  # admission order: prefill serves the oldest first
+        self.drafter: PromptLookupDrafter | None = None  # made at its first speculative step
+        self.k_now = 0  # its adaptive draft length
 
     @property
     def prompt_tokens(self) -> int:
@@ -130,16 +146,18 @@ class Engine:
     :meth:`cancel`, :meth:`drain`, :meth:`abort_all`, :meth:`stop` and the read-only counters."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_context: int = 4096, max_queue: int = 64,
-                 prefill_chunk: int = 256, metrics: Metrics | None = None,
+                 prefill_chunk: int = 256, speculate: int = 0, metrics: Metrics | None = None,
                  deliver: Callable[[list[tuple[Seq, Event]]], None] | None = None):
-        if max_batch < 1 or max_context < 2 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch >= 1, max_context >= 2, max_queue >= 0 and prefill_chunk >= 1 are needed")
+        if max_batch < 1 or max_context < 2 or max_queue < 0 or prefill_chunk < 1 or speculate < 0:
+            raise ValueError("max_batch >= 1, max_context >= 2, max_queue >= 0, prefill_chunk >= 1 and "
+                             "speculate >= 0 are needed")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_context = max_context
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.speculate = speculate  # drafts per forward at most (0: off); see the module docstring
         self.metrics = metrics or Metrics()
         self.deliver = deliver or self._deliver_here
         self.device = model.final_norm.weight.device
@@ -148,7 +166,7 @@ class Engine:
         pad = getattr(tokenizer, "pad_id", -1)
         self.pad_id = pad if isinstance(pad, int) and pad >= 0 else 0  # never seen: padding is position -1
         with torch.inference_mode():  # the cache is only ever touched by the engine thread, in this mode
-            self.cache = model.make_cache(max_batch, max_context)
+            self.cache = SpeculativeDecoder.make_cache(model, max_context, speculate, batch_size=max_batch)
         self._cond = threading.Condition()
         self._incoming: deque[Seq] = deque()  # submitted, not yet seen by the engine thread
         self._live = 0  # submitted and not yet retired (under _cond): the capacity check
@@ -159,7 +177,8 @@ class Engine:
         self._slots: list[Seq | None] = [None] * max_batch  # engine thread only
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run (for tests and metrics)
+        self.steps = 0  # decode steps run, speculative ones included (for tests and metrics)
+        self.drafted = self.accepted = 0  # drafts verified and kept
         self.prefill_forwards = 0
 
     # -- thread-safe API ---------------------------------------------------------------------------
@@ -386,26 +405,65 @@ class Engine:
 
     def _decode(self, out: list[tuple[Seq, Event]]) -> None:
         live = sorted((s for s in self._slots if s is not None and s.decoding), key=lambda s: s.order)
-        if live:
-            self._isolated(live, self._decode_forward, out)
+        if not live:
+            return
+        p = live[0].params
+        alone = len(live) == 1 and self.speculate and p.temperature == 0 and p.logprobs is None
+        self._isolated(live, self._speculative_forward if alone else self._decode_forward, out)
 
     def _decode_forward(self, live: list[Seq], out: list[tuple[Seq, Event]]) -> None:
-        """One decode step for ``live``; the other rows below the highest of their slots idle."""
-        hi = max(s.slot for s in live) + 1
-        tokens = torch.full((hi, 1), self.pad_id, dtype=torch.long)  # [hi, 1]
-        pos = torch.full((hi, 1), -1, dtype=torch.long)  # [hi, 1]; idle and prefilling rows: -1
+        """One decode step for ``live``; the other rows between the lowest and highest of their
+        slots idle."""
+        lo, hi = min(s.slot for s in live), max(s.slot for s in live) + 1
+        tokens = torch.full((hi - lo, 1), self.pad_id, dtype=torch.long)  # [b, 1]
+        pos = torch.full((hi - lo, 1), -1, dtype=torch.long)  # [b, 1]; idle and prefilling rows: -1
         for s in live:
-            tokens[s.slot, 0] = s.last_token
-            pos[s.slot, 0] = s.row.position
+            tokens[s.slot - lo, 0] = s.last_token
+            pos[s.slot - lo, 0] = s.row.position
         dev = self.device
-        # Every row in 0..hi holds positions below its own `prefilled` / next position: the view's length.
+        # Every row in lo..hi holds positions below its own `prefilled` / next position: the view's length.
         need = max(s.prefilled if s.prefilled < s.prompt_tokens else s.row.position + 1
-                   for s in self._slots[:hi] if s is not None)
-        view = self.cache.rows(0, hi, self._length(need))
-        logits = decode_step(self.model, tokens.to(dev), pos.to(dev), view)  # [hi, V]
+                   for s in self._slots[lo:hi] if s is not None)
+        view = self.cache.rows(lo, hi, self._length(need))
+        logits = decode_step(self.model, tokens.to(dev), pos.to(dev), view)  # [b, V]
         self.steps += 1
-        self._emit(logits, [(s, s.slot) for s in live], out)
+        self._emit(logits, [(s, s.slot - lo) for s in live], out)
         self.metrics.step(len(live), len(live))
+
+    def _speculative_forward(self, live: list[Seq], out: list[tuple[Seq, Event]]) -> None:
+        """One speculative step for the one greedy sequence in ``live`` (module docstring): its
+        prompt-lookup drafts and the token after them verified in one forward over its own row,
+        the rejected drafts' positions rolled back; a plain step when it has no drafts."""
+        seq = live[0]
+        row = seq.row
+        if seq.drafter is None:
+            seq.drafter, seq.k_now = PromptLookupDrafter(), self.speculate
+        want = min(seq.k_now, row.max_new_tokens - row.completion_tokens - 1)  # never past the budget
+        drafts = checked_drafts(seq.drafter.propose(row.prompt_ids + row.token_ids, want), want,
+                                self.model.config.vocab_size) if want > 0 else []
+        if not drafts:
+            self._decode_forward(live, out)
+            return
+        position = row.position
+        view = self.cache.rows(seq.slot, seq.slot + 1, self._length(position + 1 + len(drafts)))
+        verified = speculative_step(self.model, view, seq.last_token, position, drafts, seq.params, None)
+        self.steps += 1
+        seq.k_now = next_draft_length(seq.k_now, self.speculate, len(drafts), verified.accepted)
+        self.drafted += len(drafts)
+        self.accepted += verified.accepted
+        self.metrics.speculated(len(drafts), verified.accepted)
+        self.metrics.step(1, len(verified.tokens))
+        now = time.monotonic()
+        ttft: list[float] = []
+        itl: list[float] = []
+        for token in verified.tokens:  # a stop among them ends the sequence; the rest are dropped
+            if not self._push(seq, token, None, now, out, ttft, itl):
+                break
+        else:
+            if not verified.complete:  # the tokens before the non-finite row have been sent
+                log.error("sequence %d: the model produced non-finite logits", seq.id)
+                self._fail(seq, "the model produced non-finite logits", out)
+        self.metrics.latencies(ttft, itl)
 
     def _length(self, need: int) -> int:
         """Positions a forward must see: ``need`` rounded up to CACHE_ROUND (fewer distinct shapes)."""
@@ -433,22 +491,37 @@ class Engine:
                 lp = None
                 if p.logprobs is not None and token not in seq.row.stop_ids:
                     lp = _logprob(logits[r], token, p.logprobs)
-                text = seq.row.push(token)
             except Exception as e:  # this sequence's fault (e.g. its parameters): it ends alone
-                log.exception("sequence %d failed while sampling", seq.id)
-                self._fail(seq, f"internal error while sampling: {type(e).__name__}: {e}", out)
+                self._sampling_failed(seq, e, out)
                 continue
-            (ttft if seq.last_time is None else itl).append(now - (seq.last_time or seq.arrival))
-            seq.last_time = now
-            seq.last_token = token
-            ev = Event(text=text, token=token, logprob=lp)
-            if seq.row.finished:
-                ev.finish_reason = seq.row.finish_reason
-                ev.prompt_tokens, ev.completion_tokens = seq.prompt_tokens, seq.row.completion_tokens
-                self._retire(seq, ev.finish_reason)
-            if not seq.cancelled:
-                out.append((seq, ev))
+            self._push(seq, token, lp, now, out, ttft, itl)
         self.metrics.latencies(ttft, itl)
+
+    def _push(self, seq: Seq, token: int, lp: TokenLogprob | None, now: float, out: list[tuple[Seq, Event]],
+              ttft: list[float], itl: list[float]) -> bool:
+        """Record ``token`` for ``seq``: its event into ``out``, its latency into ``ttft`` or
+        ``itl``. False when the sequence has ended (finished, or failed in detokenization)."""
+        try:
+            text = seq.row.push(token)
+        except Exception as e:
+            self._sampling_failed(seq, e, out)
+            return False
+        (ttft if seq.last_time is None else itl).append(now - (seq.last_time or seq.arrival))
+        seq.last_time = now
+        seq.last_token = token
+        ev = Event(text=text, token=token, logprob=lp)
+        if seq.row.finished:
+            ev.finish_reason = seq.row.finish_reason
+            ev.prompt_tokens, ev.completion_tokens = seq.prompt_tokens, seq.row.completion_tokens
+            self._retire(seq, ev.finish_reason)
+        if not seq.cancelled:
+            out.append((seq, ev))
+        return not seq.row.finished
+
+    def _sampling_failed(self, seq: Seq, e: Exception, out: list[tuple[Seq, Event]]) -> None:
+        """This sequence's fault (e.g. its parameters): it ends alone."""
+        log.exception("sequence %d failed while sampling", seq.id)
+        self._fail(seq, f"internal error while sampling: {type(e).__name__}: {e}", out)
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -3,9 +3,10 @@
 Part of the serving side (``opengemma serve``): counters for requests and tokens, gauges for the
 queue and the running batch (read through callbacks at scrape time, so never stale), and
 histograms for time to first token, inter-token latency, request duration and decode batch
-size. The engine thread and the HTTP event loop both record into one :class:`Metrics`;
-prometheus_client's metrics are thread-safe. Each :class:`Metrics` has a registry of its own (not
-the library's process-wide default), so two servers or tests in one process never share counts.
+size; with speculative decoding, the drafts verified and kept. The engine thread and the HTTP
+event loop both record into one :class:`Metrics`; prometheus_client's metrics are thread-safe.
+Each :class:`Metrics` has a registry of its own (not the library's process-wide default), so two
+servers or tests in one process never share counts.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class Metrics:
         self._prompt = counter("prompt_tokens", "Prompt tokens of finished sequences.")
         self._generated = counter("generation_tokens", "Tokens generated (sampled), stop tokens included.")
         self._prefilled = counter("prefill_tokens", "Prompt tokens written into the KV cache.")
-        self._steps = counter("decode_steps", "Batched decode steps run.")
+        self._steps = counter("decode_steps", "Batched decode steps run (speculative ones included).")
+        self._drafted = counter("speculative_draft_tokens", "Drafted tokens verified by speculative steps.")
+        self._accepted = counter("speculative_accepted_tokens", "Drafted tokens the model kept.")
         self._ttft = hist("time_to_first_token_seconds", "From arrival to the first generated token.", LATENCY_BUCKETS)
         self._itl = hist("inter_token_latency_seconds", "Between consecutive tokens of one sequence.", LATENCY_BUCKETS)
         self._duration = hist("request_duration_seconds", "From arrival to the end of a sequence.", DURATION_BUCKETS)
@@ -56,6 +59,11 @@ class Metrics:
         self._steps.inc()
         self._batch.observe(batch_size)
         self._generated.inc(tokens)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        """One speculative step verified ``drafted`` drafts and kept ``accepted`` of them."""
+        self._drafted.inc(drafted)
+        self._accepted.inc(accepted)
 
     def first_tokens(self, tokens: int) -> None:
         """Tokens sampled from prefill logits (each sequence's first one)."""
