@@ -20,7 +20,9 @@ prompt-lookup drafts, at most ``--speculate`` K per forward (``opengemma generat
   (with the variant's options) and generates one token, timed spawn to exit; ``--cold-runs``
   (4) rounds over the engines, the first warming the OS file cache (start-up cost, not disk), the
   median of the others reported (one run is a noisy sample on a shared VM: ±0.4 s); peak RSS from
-  ``wait4``, the largest of the counted runs.
+  ``wait4``, the largest of the counted runs. A process that only runs ``import torch`` is timed in
+  the same rounds: the floor under every PyTorch engine's cold start, against which llama.cpp's
+  (a 0.5 s import) is compared.
   The first token comes from the prefill, so a compiled decode step is compiled later, in the
   warm-up decode (``warmup_decode_s``, "first decode call" in the second table).
 * **prefill** -- one forward over a fixed ``--prompt-tokens`` prompt into a fresh KV cache, logits
@@ -56,7 +58,7 @@ rotates), so that other work on the machine affects every engine alike. The tabl
 engine the CPU *other* processes used while it was measured (from /proc/stat); ``--wait-idle``
 waits for a quiet machine first. One row per engine, with ratios engine/peer (llama.cpp,
 transformers) for tokens/s; below, whether each opengemma variant meets the targets: decode >= 1.0x
-and prefill >= 1.5x llama.cpp, cold start <= 2 s, cold-start peak RSS <= 2x llama.cpp's.
+and prefill >= 1.5x llama.cpp, cold start <= 1.5x llama.cpp's, cold-start peak RSS <= 2x llama.cpp's.
 
 ``--record NAME`` writes ``bench/results/NAME.json`` (every raw timing) and ``NAME.md`` (the
 tables, date, machine: CPU model, cores, torch version, threads); tables, targets and records are
@@ -81,8 +83,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from machine import CpuMeter, git_state, machine_info, wait_idle  # noqa: E402 (stdlib only)
-from inference_engines import (ENGINES, OWN_COLD_START, REFERENCE, SPECULATIVE, VARIANTS, Worker,  # noqa: E402
-                               engine_available, run_cold_start_once, summarize_cold_starts)
+from inference_engines import (ENGINES, OWN_COLD_START, REFERENCE, SPECULATIVE, TORCH_IMPORT, VARIANTS,  # noqa: E402
+                               Worker, engine_available, run_cold_start_once, summarize_cold_starts)
 from inference_report import (RATIO_NOTE, contended, make_details, make_table,  # noqa: E402 (stdlib only)
                               targets, write_record)
 DEFAULT_PPL_TEXT = HERE.parent.parent / "shared" / "reference" / "gemma-technical-report.txt"
@@ -388,6 +390,8 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
     # Rounds over the engines (the first going first rotates), as for the timed measurements: a
     # burst of other work on the machine hits every engine alike instead of one engine's runs.
     engines = [e for e in args.engines if "summary" in results[e] and (e not in SPECULATIVE or e in OWN_COLD_START)]
+    if any(e != "llama.cpp" for e in engines):  # the floor of the PyTorch engines' cold starts
+        engines.append(TORCH_IMPORT)
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     other: dict[str, list[float]] = {e: [] for e in engines}
     broken: dict[str, str] = {}
@@ -406,6 +410,11 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
             other[engine].append(meter.other_cores())
             runs[engine].append(one)
     for engine in engines:
+        if engine == TORCH_IMPORT:
+            if runs[engine]:
+                report["torch_import"] = summarize_cold_starts(runs[engine])
+                log(f"import torch alone: {report['torch_import']['s']:.2f} s", t0)
+            continue
         res = results[engine]
         if engine in broken:
             res["cold_start"] = {"error": broken[engine], "runs_s": [x["s"] for x in runs[engine]]}
@@ -456,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     goals = report["targets"] = targets(report)
     text = "\n".join([make_table(report)] + (["", make_details(report)] if any(
         "summary" in r for r in report["results"].values()) else [])
-                     + (["", "Targets (decode ≥ 1.0× and prefill ≥ 1.5× llama.cpp, cold start ≤ 2 s, "
-                         "cold-start peak RSS ≤ 2× llama.cpp's; speculative engines: decode ≥ 1.5×):", ""]
+                     + (["", "Targets (decode ≥ 1.0× and prefill ≥ 1.5× llama.cpp, cold start ≤ 1.5× "
+                         "llama.cpp's, cold-start peak RSS ≤ 2× llama.cpp's; speculative engines: decode ≥ 1.5×):",
+                         ""]
                         + goals if goals else []))
     print(text)
     print(f"\n{RATIO_NOTE} Total {report['total_s']:.0f} s"

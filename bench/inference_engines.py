@@ -426,8 +426,18 @@ def serve_worker(engine: str, settings: dict, reply_fd: int) -> int:
     return 0
 
 
+# Not an engine: a fresh process that only imports torch, timed with the cold starts. It is the
+# floor of any cold start that runs on PyTorch (opengemma's and transformers').
+TORCH_IMPORT = "import torch"
+
+
 def cold_start(engine: str, gguf: str, threads: int) -> None:
-    """What the fresh ``python -c`` process runs: import the engine, load, generate one token."""
+    """What the fresh ``python -c`` process runs: import the engine, load, generate one token (or,
+    for :data:`TORCH_IMPORT`, import torch and nothing else)."""
+    if engine == TORCH_IMPORT:
+        import torch  # noqa: F401
+
+        return
     if engine == "llama.cpp":
         import llama_cpp
 
