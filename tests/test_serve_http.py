@@ -301,3 +301,19 @@ def test_still_serving_after_bad_input_and_metrics(server, client, served_gemma)
         assert name in m
     assert m["opengemma_time_to_first_token_seconds_count"] >= 5 and m["opengemma_running_sequences"] == 0
     assert m["opengemma_kv_slots"] == 8
+
+
+def test_a_lone_greedy_request_speculates(server, client, served_gemma):
+    # `serve` speculates by default (--speculate auto): a greedy request decoding alone verifies
+    # prompt-lookup guesses, keeps some, and still gets exactly the plain text.
+    prompt = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. Monday, Tuesday,"
+    before = server.metrics(AUTH)
+    r = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=24, temperature=0)
+    assert r.choices[0].text == served_gemma.generate(prompt, max_new_tokens=24)
+    after = server.metrics(AUTH)
+    kept = after["opengemma_speculative_accepted_tokens_total"] - before["opengemma_speculative_accepted_tokens_total"]
+    drafted = after["opengemma_speculative_draft_tokens_total"] - before["opengemma_speculative_draft_tokens_total"]
+    assert 0 < kept <= drafted
+    steps = after["opengemma_decode_steps_total"] - before["opengemma_decode_steps_total"]
+    assert r.choices[0].finish_reason == "length"  # 24 tokens: the first from the prefill, the rest
+    assert steps == 23 - kept  # from forwards that each gave one token plus the guesses they kept
