@@ -23,13 +23,16 @@ The engine thread loops; each iteration
 Speculative decoding, where it pays. Prompt-lookup drafts (:mod:`opengemma.speculative`) are
 verified k + 1 tokens per forward, with the adaptive draft length and rollback of ``opengemma
 generate --speculate``; the cache is made with ``speculate`` spare ring slots for the rollback. A
-forward's cost on the CPU grows with its rows (embedded 270M, mixed + bf16, 2 threads: one row
-~24 ms, 5 rows ~41 ms, 2 x 5 rows ~83 ms against ~29 ms for a plain step of 2), and every row of a
-batch pays for the longest row's drafts, so drafts for several sequences at once cost more than
-they return; a sequence decoding alone takes them, which is where latency matters most. Only
-greedy sequences without logprobs speculate: their tokens are the plain step's (up to float
-near-ties), whereas a sampled sequence would draw from its generator differently with and
-without speculation, and so its text would depend on whether it ran alone.
+forward's cost on the CPU grows nearly linearly with its rows (embedded 270M, mixed + bf16, 2
+threads, idle: 1 row 14 ms, 5 rows 38 ms; a plain step of 2 rows 23 ms, 2 x 5 rows 61 ms; of 4
+rows 41 ms, 4 x 2 rows 91 ms). In a batch every row pays for the longest row's drafts (a row
+without drafts rides as padding), and from ~8 rows on an extra row costs more than the ones
+before. So a batch's drafts pay only when every row has drafts and keeps most of them, and not
+for larger batches; the engine keeps them to a sequence decoding alone, where latency matters
+most (``bench/bench_serve.py``: one stream 1.58x faster). Only greedy sequences without logprobs
+speculate: their tokens are the plain step's (up to float near-ties), whereas a sampled sequence
+would draw from its generator differently with and without speculation, and so its text would
+depend on whether it ran alone.
 
 Faults stay with the sequence they belong to. A row whose logits are not finite, or whose
 sampling or detokenization raises, ends that sequence alone with an "error" event (the server
