@@ -247,6 +247,18 @@ def _rotate(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
+def gguf_tensor_bytes(path: str) -> int | None:
+    """Bytes of all tensors of a GGUF file: what llama.cpp reads per decoded token (every tensor
+    once; the tied embedding is the head). Parsed here, in the parent: the llama.cpp worker must
+    not import torch (its memory is measured), and gguf.GGUFReader takes ~25 s on the vocabulary."""
+    try:
+        from opengemma.checkpoints.gguf import read_header
+
+        return sum(t.n_bytes for t in read_header(path).tensors)
+    except Exception:  # noqa: BLE001 (a figure of the report, never a reason to fail the bench)
+        return None
+
+
 def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: float) -> None:
     """Load every engine in its own worker process, one after the other, then time them in
     alternation, repetition by repetition (the engine going first rotates), so that a change of
@@ -356,8 +368,11 @@ def measure_engines(args: argparse.Namespace, settings: dict, report: dict, t0: 
             results[engine]["summary"] = summarize(results[engine], P, D)
             s = results[engine]["summary"]
             wbytes = results[engine]["info"].get("decode_weight_bytes")
+            if engine == "llama.cpp" and wbytes is None:
+                wbytes = results[engine]["info"]["decode_weight_bytes"] = gguf_tensor_bytes(settings["gguf"])
             if wbytes:  # weights read per decoded token x tokens/s: the effective bandwidth
-                s["decode_weight_mb"], s["decode_gbps"] = wbytes / 1e6, wbytes * s["decode_tps"] / 1e9
+                per_token = wbytes / (s.get("tokens_per_forward") or 1.0)  # a forward reads them once
+                s["decode_weight_mb"], s["decode_gbps"] = per_token / 1e6, per_token * s["decode_tps"] / 1e9
             log(f"{engine}: prefill {s['prefill_tps']:.0f} tok/s, decode {s['decode_tps']:.1f} tok/s"
                 + (f" ({s['decode_weight_mb']:.0f} MB of weights per token, {s['decode_gbps']:.1f} GB/s)" if wbytes else "")
                 + f", peak RSS {s['peak_rss_mib']:.0f} MiB", t0)

@@ -68,7 +68,9 @@ class TransformersEngine:
         self.model, self.tok, how = hf_load(s["gguf"])
         self.load_s = time.perf_counter() - t
         self.info = {"transformers": transformers.__version__, "load": how,
-                     "attn_implementation": getattr(self.model.config, "_attn_implementation", None)}
+                     "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                     # every parameter once (the tied head with the embedding): what a decode step reads
+                     "decode_weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters())}
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text).input_ids
@@ -128,7 +130,7 @@ class LlamaCppEngine:
                                    n_batch=max(512, s["prompt_tokens"]), n_threads=s["threads"],
                                    n_threads_batch=s["threads"], logits_all=False, verbose=False)
         self.load_s = time.perf_counter() - t
-        self.info = {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
+        self.info = {"llama_cpp": getattr(llama_cpp, "__version__", "?")}  # its bytes per token: the parent's
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)

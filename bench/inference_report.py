@@ -90,6 +90,8 @@ DETAILS = (  # (summary key, header, digits): the second, smaller table
     ("decode_ms_per_token_p90", "decode per token, p90 (ms)", 2),
     ("rss_after_load_mib", "RSS after load (MiB)", 0),
     ("peak_rss_mib", "peak RSS of the bench worker (MiB)", 0),
+    ("decode_weight_mb", "weights read per token (MB)", 0),
+    ("decode_gbps", "weights read (GB/s)", 1),
     ("acceptance", "speculation: drafts accepted", 2),
     ("tokens_per_forward", "speculation: tokens per forward", 2),
 )
