@@ -464,8 +464,7 @@ class Engine:
                 break
         else:
             if not verified.complete:  # the tokens before the non-finite row have been sent
-                log.error("sequence %d: the model produced non-finite logits", seq.id)
-                self._fail(seq, "the model produced non-finite logits", out)
+                self._non_finite(seq, out)
         self.metrics.latencies(ttft, itl)
 
     def _length(self, need: int) -> int:
@@ -481,8 +480,7 @@ class Engine:
         ttft, itl = [], []
         for seq, r in rows:
             if not finite[r]:
-                log.error("sequence %d: the model produced non-finite logits", seq.id)
-                self._fail(seq, "the model produced non-finite logits", out)
+                self._non_finite(seq, out)
                 continue
             p = seq.params
             try:
@@ -520,6 +518,11 @@ class Engine:
         if not seq.cancelled:
             out.append((seq, ev))
         return not seq.row.finished
+
+    def _non_finite(self, seq: Seq, out: list[tuple[Seq, Event]]) -> None:
+        """``seq``'s logits were not finite: it ends alone."""
+        log.error("sequence %d: the model produced non-finite logits", seq.id)
+        self._fail(seq, "the model produced non-finite logits", out)
 
     def _sampling_failed(self, seq: Seq, e: Exception, out: list[tuple[Seq, Event]]) -> None:
         """This sequence's fault (e.g. its parameters): it ends alone."""
